@@ -1,0 +1,1135 @@
+"""Dataset preparation: math benchmarks and training sets as verl-format parquet files.
+
+verl's ``RLHFDataset`` reads parquet files with one row per problem and these columns
+(exactly these; this module writes nothing else):
+
+* ``data_source`` (str): short dataset name, one of :data:`DATASETS` (``gsm8k``,
+  ``math``, ``math500``, ``minerva_math``, ``olympiadbench``, ``aime24``, ``amc23``).
+  The reward function dispatches on it (``gsm8k`` means a GSM8K-style numeric answer).
+* ``prompt`` (list of chat messages): ``[{"role": "user", "content": ...}]``, the
+  prompt template applied to the problem (the ``qwen_math_cot`` preset puts the
+  instruction in a preceding ``system`` message instead, see :data:`TEMPLATES`).
+* ``ability`` (str): always ``"math"``.
+* ``reward_model`` (dict): ``{"style": "rule", "ground_truth": <str>}``.
+* ``extra_info`` (dict): ``split`` (str), ``index`` (int: the row's position in the
+  source file, counted from 0 over all records, skipped ones included), ``question``
+  (the raw problem text), ``answer`` (the raw answer or solution text of the source,
+  as a str), plus a few dataset-specific fields (``solution``, ``level``, ``id``, ...;
+  the same keys for every row of one file, ``None`` where a row has no value).
+
+Ground truth per dataset (the local files are described in ``shared/data/README.md``):
+
+* ``gsm8k`` (train, test): the text after the last ``####`` of ``answer``, with
+  thousands commas removed (``"1,000"`` -> ``"1000"``) and stripped.
+* ``math`` (train; the 7,474 MATH training problems of ``math_train/math.json``): the
+  ``answer`` field; when a row has none (hub rows of MATH carry only a ``solution``),
+  the content of the last ``\\boxed{...}`` of ``solution``. The four local rows with
+  an empty answer are skipped with a warning.
+* ``math500`` (test): ``answer``.
+* ``minerva_math`` (test): the content of the LAST ``\\boxed{...}`` of ``solution``
+  (found by a brace-matching scan that ignores escaped ``\\{``/``\\}``, so nested
+  braces work); a row that has an ``answer`` field (the hub copy) uses it instead.
+* ``olympiadbench`` (test; the 675 open-ended, text-only, English competition maths
+  problems, ``OE_TO_maths_en_COMP``): ``final_answer`` is a list of LaTeX strings. In
+  the real data every list has exactly one element, but 94 rows are
+  ``is_multiple_answer`` and pack several answers into that one string, often as
+  separate math spans such as ``"$69$,$84$"`` or ``"$f(x)=x$,$f(x)=2-x$"``. Each
+  element is cleaned as follows: a comma-separated sequence of ``$...$`` spans is
+  split into its spans; otherwise the surrounding ``$`` pair is stripped and any
+  stray unescaped ``$`` left inside is removed (row 194, ``"$221,$8$"``, becomes
+  ``"221,8"``; row 73, a sentence with inline maths, loses its ``$`` delimiters); a
+  trailing full stop is dropped (row 76). All the resulting answers are joined with
+  ``", "`` (``"$69$,$84$"`` -> ``"69, 84"``). Plain-text lists such as ``"1,3,5"`` and
+  tuples are kept as they are. The ``unit`` field (8 rows, e.g. ``"km"``) is not
+  appended to the ground truth (graders compare the number); it is kept in
+  ``extra_info`` with ``answer_type``, ``is_multiple_answer`` and ``error`` (one
+  row's numeric tolerance, ``"1e-1"``). A non-empty ``context`` (none in the local
+  file) is put before the question, separated by a blank line.
+* ``aime24`` (test): ``answer`` such as ``"025"`` normalised to the integer string
+  ``"25"`` (a non-integer answer is kept as it is, stripped).
+* ``amc23`` (test): ``answer`` float such as ``27.0`` -> ``"27"``; non-integers keep
+  their decimal form (``0.5`` -> ``"0.5"``).
+
+Rows with an empty or missing problem, or with no usable ground truth, are skipped:
+each skipped row is counted by reason (``missing_problem``, ``missing_answer``,
+``no_boxed_answer``, ``malformed_json``) and logged as a warning that names the file
+and the row index (the first :data:`MAX_ROW_WARNINGS` individually, then one summary
+line). A malformed line of a JSON-lines file is **skipped** with a warning naming the
+file and its 1-based line number; a ``.json`` array file that does not parse is an
+error.
+
+Command line::
+
+    python -m recipe.data --datasets gsm8k,math500 --out-dir DIR \\
+        [--source-dir ../shared/data | --source hub] [--template boxed] [--max-rows N]
+    python -m recipe.data --input some.parquet --out FILE
+
+The first form writes ``DIR/<dataset>/<split>.parquet`` for every split of each named
+dataset (``--datasets all`` for all of them) and prints one summary line per file. The
+second validates an existing verl-format parquet file and copies it unchanged to
+``FILE``. Every output is written to a temporary file in the destination directory
+and then moved into place with :func:`os.replace`, so a reader never sees half a file.
+
+The local source directory defaults to ``$RECIPE_SHARED_DIR/data`` when that variable
+is set, else to ``../shared/data`` relative to the repository root (the parent of the
+``recipe`` package directory). With ``--source hub`` the same datasets are loaded with
+:func:`datasets.load_dataset` from the Hugging Face hub ids in :data:`DATASETS` and
+mapped to records by the same function (:func:`convert_rows`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+logger = logging.getLogger("recipe.data")
+
+__all__ = [
+    "COLUMNS",
+    "DATASETS",
+    "DataError",
+    "DatasetSpec",
+    "MAX_ROW_WARNINGS",
+    "PromptTemplate",
+    "SplitResult",
+    "TEMPLATES",
+    "ConversionResult",
+    "convert_rows",
+    "convert_split",
+    "default_source_dir",
+    "last_boxed",
+    "load_records",
+    "main",
+    "olympiadbench_answer",
+    "passthrough",
+    "prepare",
+    "read_source_rows",
+    "resolve_template",
+    "validate_verl_parquet",
+    "write_parquet",
+]
+
+#: The columns of a verl-format parquet file, in the order they are written.
+COLUMNS: tuple[str, ...] = ("data_source", "prompt", "ability", "reward_model", "extra_info")
+
+#: How many skipped rows are warned about one by one before a single summary line.
+MAX_ROW_WARNINGS = 10
+
+#: Environment variable naming the shared folder that contains ``data/``.
+SHARED_DIR_ENV = "RECIPE_SHARED_DIR"
+
+_BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class DataError(ValueError):
+    """A source file, a row or a parquet file does not have the expected content."""
+
+
+class _SkipRow(Exception):
+    """Raised by an answer extractor: the row has no usable ground truth."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- templates
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A prompt template.
+
+    Attributes:
+        user: Content of the user message; ``{problem}`` is replaced by the problem
+            text (a plain substitution: other braces such as ``\\boxed{}`` are literal).
+        system: Content of an optional system message put before the user message.
+    """
+
+    user: str
+    system: str | None = None
+
+    def messages(self, problem: str) -> list[dict[str, str]]:
+        """Returns the chat messages for one problem."""
+        msgs = []
+        if self.system is not None:
+            msgs.append({"role": "system", "content": self.system})
+        msgs.append({"role": "user", "content": self.user.replace("{problem}", problem)})
+        return msgs
+
+
+#: Named prompt presets. ``boxed`` (the default) appends the step-by-step/boxed
+#: instruction to the problem in the user message. ``qwen_math_cot`` is the
+#: Qwen2.5-Math evaluation "qwen25-math-cot" prompt: the same instruction as a system
+#: message, the bare problem as the user message. ``plain`` is the bare problem.
+TEMPLATES: dict[str, PromptTemplate] = {
+    "boxed": PromptTemplate(user="{problem}\n" + _BOXED_INSTRUCTION),
+    "qwen_math_cot": PromptTemplate(user="{problem}", system=_BOXED_INSTRUCTION),
+    "plain": PromptTemplate(user="{problem}"),
+}
+
+
+def resolve_template(template: str | PromptTemplate) -> PromptTemplate:
+    """Turns a preset name or a literal template string into a :class:`PromptTemplate`.
+
+    Args:
+        template: A name in :data:`TEMPLATES`, a literal user-message template that
+            contains ``{problem}``, or a :class:`PromptTemplate`.
+
+    Returns:
+        The template.
+
+    Raises:
+        ValueError: ``template`` is neither a preset name nor a string containing
+            ``{problem}``.
+    """
+    if isinstance(template, PromptTemplate):
+        if "{problem}" not in template.user:
+            raise ValueError(f"prompt template {template.user!r} lacks the placeholder {{problem}}")
+        return template
+    if not isinstance(template, str):
+        raise ValueError(f"prompt template must be a string, not {type(template).__name__}")
+    if template in TEMPLATES:
+        return TEMPLATES[template]
+    if "{problem}" not in template:
+        raise ValueError(
+            f"prompt template {template!r} is not a preset ({', '.join(TEMPLATES)}) and lacks "
+            "the placeholder {problem}"
+        )
+    return PromptTemplate(user=template)
+
+
+# ---------------------------------------------------------------------- answer helpers
+
+
+def last_boxed(text: str) -> str | None:
+    """Returns the content of the last ``\\boxed{...}`` in ``text``.
+
+    Braces are matched by a scan that counts nesting and ignores escaped braces
+    (``\\{``, ``\\}``: a brace preceded by an odd number of backslashes).
+
+    Args:
+        text: LaTeX text, e.g. a solution.
+
+    Returns:
+        The stripped content of the last complete ``\\boxed{...}``, or ``None`` when
+        there is none (an unterminated last one falls back to the previous one).
+    """
+    if not isinstance(text, str):
+        return None
+    starts = [m.end() for m in re.finditer(r"\\boxed\s*\{", text)]
+    for start in reversed(starts):
+        depth = 1
+        i = start
+        while i < len(text):
+            ch = text[i]
+            if ch in "{}":
+                backslashes = 0
+                j = i - 1
+                while j >= 0 and text[j] == "\\":
+                    backslashes += 1
+                    j -= 1
+                if backslashes % 2 == 0:
+                    depth += 1 if ch == "{" else -1
+                    if depth == 0:
+                        return text[start:i].strip()
+            i += 1
+    return None
+
+
+def _text(value: Any) -> str | None:
+    """Returns a stripped non-empty string for ``value``, else ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    s = str(value).strip()
+    return s or None
+
+
+def _first(row: Mapping[str, Any], keys: Iterable[str]) -> Any:
+    for k in keys:
+        if k in row and _text(row[k]) is not None:
+            return row[k]
+    return None
+
+
+def _gsm8k_answer(row: Mapping[str, Any]) -> str:
+    raw = _text(row.get("answer"))
+    if raw is None:
+        raise _SkipRow("missing_answer")
+    if "####" not in raw:
+        raise _SkipRow("missing_answer")
+    gt = raw.rsplit("####", 1)[1].replace(",", "").strip()
+    if not gt:
+        raise _SkipRow("missing_answer")
+    return gt
+
+
+def _answer_or_boxed(row: Mapping[str, Any]) -> str:
+    gt = _text(row.get("answer"))
+    if gt is not None:
+        return gt
+    if _text(row.get("solution")) is None:
+        raise _SkipRow("missing_answer")
+    boxed = last_boxed(row["solution"])
+    if not boxed:
+        raise _SkipRow("no_boxed_answer")
+    return boxed
+
+
+def _math500_answer(row: Mapping[str, Any]) -> str:
+    gt = _text(row.get("answer"))
+    if gt is None:
+        raise _SkipRow("missing_answer")
+    return gt
+
+
+_DOLLAR_SPAN_LIST = re.compile(r"\$[^$]*\$(?:\s*,\s*\$[^$]*\$)+")
+_DOLLAR_SPAN = re.compile(r"\$([^$]*)\$")
+_UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
+
+
+def _clean_olympiad_answer(s: str) -> list[str]:
+    s = s.strip()
+    if _DOLLAR_SPAN_LIST.fullmatch(s):
+        parts = [p.strip() for p in _DOLLAR_SPAN.findall(s)]
+    else:
+        if len(s) >= 2 and s.startswith("$") and s.endswith("$"):
+            s = s[1:-1]
+        parts = [_UNESCAPED_DOLLAR.sub("", s).strip()]
+    out = []
+    for p in parts:
+        if p.endswith(".") and not p.endswith(".."):
+            p = p[:-1].rstrip()
+        if p:
+            out.append(p)
+    return out
+
+
+def olympiadbench_answer(final_answer: Any) -> str | None:
+    """Builds the OlympiadBench ground truth from its ``final_answer`` field.
+
+    See the module docstring for the rules (split ``$a$,$b$`` span lists, strip the
+    surrounding and stray ``$``, drop a trailing full stop, join with ``", "``).
+
+    Args:
+        final_answer: The ``final_answer`` value: a list of strings (or one string).
+
+    Returns:
+        The ground-truth string, or ``None`` when nothing is left.
+    """
+    if final_answer is None:
+        return None
+    items = [final_answer] if isinstance(final_answer, str) else list(final_answer)
+    answers: list[str] = []
+    for item in items:
+        if _text(item) is not None:
+            answers.extend(_clean_olympiad_answer(str(item)))
+    return ", ".join(answers) or None
+
+
+def _olympiad_answer(row: Mapping[str, Any]) -> str:
+    gt = olympiadbench_answer(row.get("final_answer"))
+    if gt is None:
+        raise _SkipRow("missing_answer")
+    return gt
+
+
+def _integer_string(value: Any) -> str | None:
+    """``"025"`` -> ``"25"``, ``27.0`` -> ``"27"``; other values as stripped strings."""
+    if value is None or isinstance(value, bool):
+        return _text(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, int):
+        return str(value)
+    s = _text(value)
+    if s is None:
+        return None
+    if re.fullmatch(r"[+-]?\d+", s):
+        return str(int(s))
+    if re.fullmatch(r"[+-]?\d+\.0*", s):
+        return str(int(float(s)))
+    return s
+
+
+def _integer_answer(row: Mapping[str, Any]) -> str:
+    gt = _integer_string(row.get("answer"))
+    if gt is None:
+        raise _SkipRow("missing_answer")
+    return gt
+
+
+def _olympiad_problem(row: Mapping[str, Any]) -> Any:
+    question = row.get("question")
+    context = _text(row.get("context"))
+    if context is not None and _text(question) is not None:
+        return f"{context}\n\n{question}"
+    return question
+
+
+def _raw_str(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return "\n\n".join(str(v) for v in value)
+    return str(value)
+
+
+# -------------------------------------------------------------------- dataset registry
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How to read and convert one dataset.
+
+    Attributes:
+        name: The short name, also written as ``data_source``.
+        splits: Split name -> local file path relative to the source directory.
+        hub_id: Hugging Face hub dataset id used with ``--source hub``.
+        hub_config: The hub config name, or ``None``.
+        hub_splits: Split name -> hub split name.
+        problem_keys: Row fields tried in order for the problem text.
+        raw_answer_keys: Row fields tried in order for ``extra_info.answer``.
+        extra_keys: Row fields copied into ``extra_info`` when present.
+        ground_truth: Row -> ground-truth string (raises ``_SkipRow``).
+        problem: Optional row -> problem text function overriding ``problem_keys``.
+    """
+
+    name: str
+    splits: dict[str, str]
+    hub_id: str
+    hub_config: str | None
+    hub_splits: dict[str, str]
+    problem_keys: tuple[str, ...]
+    raw_answer_keys: tuple[str, ...]
+    extra_keys: tuple[str, ...]
+    ground_truth: Callable[[Mapping[str, Any]], str]
+    problem: Callable[[Mapping[str, Any]], Any] | None = None
+
+
+#: The known datasets, by ``data_source`` name.
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(
+            name="gsm8k",
+            splits={"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},
+            hub_id="openai/gsm8k",
+            hub_config="main",
+            hub_splits={"train": "train", "test": "test"},
+            problem_keys=("question", "problem"),
+            raw_answer_keys=("answer",),
+            extra_keys=(),
+            ground_truth=_gsm8k_answer,
+        ),
+        DatasetSpec(
+            name="math",
+            splits={"train": "math_train/math.json"},
+            hub_id="DigitalLearningGmbH/MATH-lighteval",
+            hub_config="default",
+            hub_splits={"train": "train"},
+            problem_keys=("problem", "question"),
+            raw_answer_keys=("answer", "solution"),
+            extra_keys=("type", "difficulty", "level", "solution"),
+            ground_truth=_answer_or_boxed,
+        ),
+        DatasetSpec(
+            name="math500",
+            splits={"test": "math500/test.jsonl"},
+            hub_id="HuggingFaceH4/MATH-500",
+            hub_config=None,
+            hub_splits={"test": "test"},
+            problem_keys=("problem", "question"),
+            raw_answer_keys=("answer",),
+            extra_keys=("solution", "subject", "level", "unique_id"),
+            ground_truth=_math500_answer,
+        ),
+        DatasetSpec(
+            name="minerva_math",
+            splits={"test": "minerva_math/test.jsonl"},
+            hub_id="math-ai/minervamath",
+            hub_config=None,
+            hub_splits={"test": "test"},
+            problem_keys=("problem", "question"),
+            raw_answer_keys=("solution", "answer"),
+            extra_keys=("type", "idx"),
+            ground_truth=_answer_or_boxed,
+        ),
+        DatasetSpec(
+            name="olympiadbench",
+            splits={"test": "olympiadbench/test.jsonl"},
+            hub_id="Hothan/OlympiadBench",
+            hub_config="OE_TO_maths_en_COMP",
+            hub_splits={"test": "train"},
+            problem_keys=("question", "problem"),
+            raw_answer_keys=("final_answer",),
+            extra_keys=(
+                "id",
+                "subfield",
+                "solution",
+                "is_multiple_answer",
+                "unit",
+                "answer_type",
+                "error",
+            ),
+            ground_truth=_olympiad_answer,
+            problem=_olympiad_problem,
+        ),
+        DatasetSpec(
+            name="aime24",
+            splits={"test": "aime24/test.jsonl"},
+            hub_id="HuggingFaceH4/aime_2024",
+            hub_config=None,
+            hub_splits={"test": "train"},
+            problem_keys=("problem", "question"),
+            raw_answer_keys=("answer",),
+            extra_keys=("id", "solution", "url"),
+            ground_truth=_integer_answer,
+        ),
+        DatasetSpec(
+            name="amc23",
+            splits={"test": "amc23/test.jsonl"},
+            hub_id="math-ai/amc23",
+            hub_config=None,
+            hub_splits={"test": "test"},
+            problem_keys=("problem", "question"),
+            raw_answer_keys=("answer",),
+            extra_keys=("id", "url"),
+            ground_truth=_integer_answer,
+        ),
+    )
+}
+
+
+def _spec(dataset: str) -> DatasetSpec:
+    try:
+        return DATASETS[dataset]
+    except KeyError:
+        raise ValueError(
+            f"unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}"
+        ) from None
+
+
+def _check_split(spec: DatasetSpec, split: str) -> None:
+    if split not in spec.splits:
+        raise ValueError(
+            f"dataset {spec.name!r} has no split {split!r}; its splits: {', '.join(spec.splits)}"
+        )
+
+
+# ------------------------------------------------------------------------- conversion
+
+
+@dataclass
+class ConversionResult:
+    """Records converted from source rows, and what was skipped.
+
+    Attributes:
+        records: verl-format records (dicts with the keys of :data:`COLUMNS`).
+        skipped: Count of skipped rows per reason.
+        rows_read: Number of source rows looked at (good and skipped).
+    """
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    skipped: collections.Counter = field(default_factory=collections.Counter)
+    rows_read: int = 0
+
+
+class _SkipLog:
+    """Counts skipped rows and logs capped per-row warnings."""
+
+    def __init__(self, source: str, counter: collections.Counter) -> None:
+        self.source = source
+        self.counter = counter
+        self.warned = 0
+
+    def skip(self, reason: str, detail: str) -> None:
+        self.counter[reason] += 1
+        if self.warned < MAX_ROW_WARNINGS:
+            logger.warning("%s: skipped %s (%s)", self.source, detail, reason)
+        self.warned += 1
+
+    def finish(self) -> None:
+        if self.warned > MAX_ROW_WARNINGS:
+            logger.warning(
+                "%s: %d more skipped rows not listed; skipped by reason: %s",
+                self.source,
+                self.warned - MAX_ROW_WARNINGS,
+                dict(self.counter),
+            )
+
+
+@dataclass(frozen=True)
+class _BadLine:
+    line: int
+    error: str
+
+
+def convert_rows(
+    dataset: str,
+    split: str,
+    rows: Iterable[Mapping[str, Any] | _BadLine],
+    template: str | PromptTemplate = "boxed",
+    max_rows: int | None = None,
+    source: str = "<rows>",
+) -> ConversionResult:
+    """Maps source rows (local or hub) to verl-format records.
+
+    This is the one function that turns a dataset's rows into records, whatever
+    their origin (:func:`read_source_rows` for local files, the hub loader for
+    ``--source hub``, or a plain list of dicts).
+
+    Args:
+        dataset: A name in :data:`DATASETS`.
+        split: The split name written to ``extra_info.split``.
+        rows: Source rows in file order (the position gives ``extra_info.index``).
+        template: A preset name, a literal template containing ``{problem}``, or a
+            :class:`PromptTemplate`.
+        max_rows: Keep only the first ``max_rows`` good rows (``None``: all).
+        source: A name for the rows (file path) used in warnings.
+
+    Returns:
+        The records, skip counts and number of rows read.
+
+    Raises:
+        ValueError: Unknown dataset, bad template or negative ``max_rows``.
+    """
+    spec = _spec(dataset)
+    tmpl = resolve_template(template)
+    if max_rows is not None and max_rows < 0:
+        raise ValueError(f"max_rows must be >= 0, got {max_rows}")
+    result = ConversionResult()
+    log = _SkipLog(source, result.skipped)
+    if max_rows == 0:
+        return result
+    for index, row in enumerate(rows):
+        result.rows_read += 1
+        if isinstance(row, _BadLine):
+            log.skip("malformed_json", f"line {row.line}: {row.error}")
+            continue
+        if not isinstance(row, Mapping):
+            log.skip("malformed_json", f"row {index}: not a JSON object")
+            continue
+        raw_problem = spec.problem(row) if spec.problem else _first(row, spec.problem_keys)
+        if _text(raw_problem) is None:
+            log.skip("missing_problem", f"row {index}")
+            continue
+        problem = str(raw_problem)
+        try:
+            ground_truth = spec.ground_truth(row)
+        except _SkipRow as skip:
+            log.skip(skip.reason, f"row {index}")
+            continue
+        raw_answer = _first(row, spec.raw_answer_keys)
+        if spec.name == "olympiadbench" and raw_answer is not None and not isinstance(raw_answer, str):
+            raw_answer = ", ".join(str(a) for a in raw_answer)
+        extra: dict[str, Any] = {
+            "split": split,
+            "index": index,
+            "question": problem,
+            "answer": _raw_str(raw_answer),
+        }
+        for key in spec.extra_keys:
+            value = row.get(key)
+            if key == "solution" and value is not None:
+                value = _raw_str(value)
+            extra[key] = value
+        result.records.append(
+            {
+                "data_source": spec.name,
+                "prompt": tmpl.messages(problem.strip()),
+                "ability": "math",
+                "reward_model": {"style": "rule", "ground_truth": ground_truth},
+                "extra_info": extra,
+            }
+        )
+        if max_rows is not None and len(result.records) >= max_rows:
+            break
+    log.finish()
+    # Drop dataset-specific extra_info keys that no row has (e.g. ``solution`` of the
+    # local MATH train file) so that the parquet schema has no all-null fields.
+    for key in spec.extra_keys:
+        if all(r["extra_info"][key] is None for r in result.records):
+            for r in result.records:
+                del r["extra_info"][key]
+    return result
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+def default_source_dir() -> Path:
+    """Returns the default local data directory.
+
+    ``$RECIPE_SHARED_DIR/data`` when the variable is set, else ``../shared/data``
+    relative to the repository root (the parent of the ``recipe`` package directory).
+    """
+    env = os.environ.get(SHARED_DIR_ENV)
+    if env:
+        return Path(env).expanduser().resolve() / "data"
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def _source_file(spec: DatasetSpec, split: str, source_dir: str | os.PathLike | None) -> Path:
+    root = Path(source_dir) if source_dir is not None else default_source_dir()
+    path = root / spec.splits[split]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{spec.name}/{split}: source file {path} not found (set --source-dir or "
+            f"${SHARED_DIR_ENV}, or use --source hub)"
+        )
+    return path
+
+
+def read_source_rows(path: str | os.PathLike) -> Iterator[Mapping[str, Any] | _BadLine]:
+    """Yields the rows of a local ``.jsonl`` or ``.json`` (array) file.
+
+    Blank lines of a JSON-lines file are ignored; a malformed line is yielded as a
+    marker that :func:`convert_rows` skips with a warning naming its line number.
+
+    Args:
+        path: The file.
+
+    Yields:
+        One dict per record (or a malformed-line marker).
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        DataError: A ``.json`` file that does not parse or is not a list.
+    """
+    path = Path(path)
+    if path.suffix == ".json":
+        try:
+            with path.open(encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from e
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        yield from data
+        return
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                yield _BadLine(lineno, e.msg)
+
+
+def _hub_rows(spec: DatasetSpec, split: str) -> Iterator[Mapping[str, Any]]:
+    import datasets  # imported lazily: slow, and only needed with --source hub
+
+    try:
+        ds = datasets.load_dataset(spec.hub_id, spec.hub_config, split=spec.hub_splits[split])
+    except Exception as e:  # network, auth or hub errors of many types
+        config = f" (config {spec.hub_config})" if spec.hub_config else ""
+        raise DataError(f"could not load {spec.hub_id}{config} from the hub: {e}") from e
+    yield from ds
+
+
+def _convert(
+    dataset: str,
+    split: str,
+    source_dir: str | os.PathLike | None,
+    template: str | PromptTemplate,
+    max_rows: int | None,
+    source: str,
+) -> ConversionResult:
+    spec = _spec(dataset)
+    _check_split(spec, split)
+    resolve_template(template)  # fail before reading anything
+    if source == "hub":
+        name = f"hub:{spec.hub_id}" + (f"[{spec.hub_config}]" if spec.hub_config else "")
+        rows: Iterable[Any] = _hub_rows(spec, split)
+        return convert_rows(dataset, split, rows, template, max_rows, f"{name}/{spec.hub_splits[split]}")
+    if source != "local":
+        raise ValueError(f"source must be 'local' or 'hub', got {source!r}")
+    path = _source_file(spec, split, source_dir)
+    return convert_rows(dataset, split, read_source_rows(path), template, max_rows, str(path))
+
+
+def load_records(
+    dataset: str,
+    split: str,
+    source_dir: str | os.PathLike | None = None,
+    template: str | PromptTemplate = "boxed",
+    max_rows: int | None = None,
+    source: str = "local",
+) -> list[dict[str, Any]]:
+    """Loads one split of a dataset as verl-format records (dicts).
+
+    Args:
+        dataset: A name in :data:`DATASETS`.
+        split: One of ``DATASETS[dataset].splits``.
+        source_dir: Local data directory (default: :func:`default_source_dir`).
+        template: Prompt preset name or literal template containing ``{problem}``.
+        max_rows: Keep only the first ``max_rows`` good rows.
+        source: ``"local"`` or ``"hub"`` (needs internet).
+
+    Returns:
+        The records; skipped rows are logged as warnings.
+
+    Raises:
+        ValueError: Unknown dataset, split, source or bad template.
+        FileNotFoundError: The local source file is missing.
+        DataError: The source file cannot be parsed as a whole.
+    """
+    return _convert(dataset, split, source_dir, template, max_rows, source).records
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _atomic_target(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+
+def write_parquet(records: list[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Writes verl-format records to a parquet file atomically.
+
+    Args:
+        records: Dicts with the keys of :data:`COLUMNS`.
+        path: Output file; its directory is created when missing.
+
+    Returns:
+        The output path.
+
+    Raises:
+        OSError: The file cannot be written (no temporary file is left behind).
+    """
+    path = Path(path)
+    if records:
+        table = pa.Table.from_pylist([{c: r[c] for c in COLUMNS} for r in records])
+    else:
+        table = pa.table(
+            {
+                "data_source": pa.array([], pa.string()),
+                "prompt": pa.array([], pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+                "ability": pa.array([], pa.string()),
+                "reward_model": pa.array(
+                    [], pa.struct([("style", pa.string()), ("ground_truth", pa.string())])
+                ),
+                "extra_info": pa.array(
+                    [],
+                    pa.struct(
+                        [
+                            ("split", pa.string()),
+                            ("index", pa.int64()),
+                            ("question", pa.string()),
+                            ("answer", pa.string()),
+                        ]
+                    ),
+                ),
+            }
+        )
+    fd, tmp = _atomic_target(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pq.write_table(table, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+@dataclass
+class SplitResult:
+    """What :func:`convert_split` wrote.
+
+    Attributes:
+        dataset: Dataset name.
+        split: Split name.
+        path: The parquet file written.
+        rows_written: Number of records written.
+        skipped: Count of skipped rows per reason.
+    """
+
+    dataset: str
+    split: str
+    path: Path
+    rows_written: int
+    skipped: collections.Counter
+
+    def summary(self) -> str:
+        """Returns a one-line human-readable summary."""
+        total = sum(self.skipped.values())
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items()))
+        skipped = f"skipped {total}" + (f" ({reasons})" if reasons else "")
+        return f"{self.dataset}/{self.split}: wrote {self.rows_written} rows, {skipped} -> {self.path}"
+
+
+def convert_split(
+    dataset: str,
+    split: str,
+    out_dir: str | os.PathLike,
+    source_dir: str | os.PathLike | None = None,
+    template: str | PromptTemplate = "boxed",
+    max_rows: int | None = None,
+    source: str = "local",
+) -> SplitResult:
+    """Converts one split and writes ``out_dir/<dataset>/<split>.parquet``.
+
+    Args:
+        dataset: A name in :data:`DATASETS`.
+        split: One of ``DATASETS[dataset].splits``.
+        out_dir: Output root directory.
+        source_dir: Local data directory (default: :func:`default_source_dir`).
+        template: Prompt preset name or literal template containing ``{problem}``.
+        max_rows: Keep only the first ``max_rows`` good rows.
+        source: ``"local"`` or ``"hub"``.
+
+    Returns:
+        The path written and the row counts.
+
+    Raises:
+        ValueError: Unknown dataset, split, source or bad template.
+        FileNotFoundError: The local source file is missing.
+        DataError: The source file cannot be parsed as a whole.
+        OSError: The output cannot be written.
+    """
+    result = _convert(dataset, split, source_dir, template, max_rows, source)
+    path = write_parquet(result.records, Path(out_dir) / dataset / f"{split}.parquet")
+    return SplitResult(dataset, split, path, len(result.records), result.skipped)
+
+
+def prepare(
+    dataset: str,
+    out_dir: str | os.PathLike,
+    source_dir: str | os.PathLike | None = None,
+    template: str | PromptTemplate = "boxed",
+    max_rows: int | None = None,
+    source: str = "local",
+) -> dict[str, Path]:
+    """Writes every split of a dataset as ``out_dir/<dataset>/<split>.parquet``.
+
+    Args:
+        dataset: A name in :data:`DATASETS`.
+        out_dir: Output root directory.
+        source_dir: Local data directory (default: :func:`default_source_dir`).
+        template: Prompt preset name or literal template containing ``{problem}``.
+        max_rows: Keep only the first ``max_rows`` good rows of each split.
+        source: ``"local"`` or ``"hub"``.
+
+    Returns:
+        Split name -> path of the parquet file written.
+
+    Raises:
+        ValueError: Unknown dataset, source or bad template.
+        FileNotFoundError: A local source file is missing.
+        DataError: A source file cannot be parsed as a whole.
+        OSError: An output cannot be written.
+    """
+    spec = _spec(dataset)
+    resolve_template(template)
+    return {
+        split: convert_split(dataset, split, out_dir, source_dir, template, max_rows, source).path
+        for split in spec.splits
+    }
+
+
+# ------------------------------------------------------------------------ passthrough
+
+
+def _field_names(t: pa.DataType) -> set[str]:
+    return {t.field(i).name for i in range(t.num_fields)} if pa.types.is_struct(t) else set()
+
+
+def validate_verl_parquet(path: str | os.PathLike) -> int:
+    """Checks that a parquet file has the verl format.
+
+    Checks: every column of :data:`COLUMNS` is present; every ``prompt`` is a non-empty
+    list of messages with string ``role`` and ``content``; every ``reward_model`` has a
+    non-null ``ground_truth``.
+
+    Args:
+        path: The parquet file.
+
+    Returns:
+        The number of rows.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        DataError: The file is not readable parquet or lacks a column or field; the
+            message names the file and the missing field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable parquet file: {e}") from e
+    missing = [c for c in COLUMNS if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing required column(s): {', '.join(missing)}")
+    schema = table.schema
+    rm_type = schema.field("reward_model").type
+    if "ground_truth" not in _field_names(rm_type):
+        raise DataError(f"{path}: missing field reward_model.ground_truth")
+    prompt_type = schema.field("prompt").type
+    if not (pa.types.is_list(prompt_type) or pa.types.is_large_list(prompt_type)):
+        raise DataError(f"{path}: field prompt must be a list of messages, got {prompt_type}")
+    msg_fields = _field_names(prompt_type.value_type)
+    for name in ("role", "content"):
+        if name not in msg_fields:
+            raise DataError(f"{path}: missing field prompt[].{name} (messages need role and content)")
+    prompts = table.column("prompt").to_pylist()
+    truths = table.column("reward_model").to_pylist()
+    for i, (prompt, rm) in enumerate(zip(prompts, truths)):
+        if not prompt:
+            raise DataError(f"{path}: row {i}: field prompt is empty or null")
+        for msg in prompt:
+            if not msg or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
+                raise DataError(f"{path}: row {i}: field prompt[].role/content missing or not a string")
+        if rm is None or rm.get("ground_truth") is None:
+            raise DataError(f"{path}: row {i}: missing field reward_model.ground_truth")
+    return table.num_rows
+
+
+def passthrough(input_path: str | os.PathLike, out_path: str | os.PathLike) -> int:
+    """Validates a verl-format parquet file and copies it unchanged (atomically).
+
+    Args:
+        input_path: The existing verl-format parquet file.
+        out_path: Where to write the byte-identical copy.
+
+    Returns:
+        The number of rows.
+
+    Raises:
+        FileNotFoundError: The input does not exist.
+        DataError: The input is not a valid verl-format parquet file.
+        OSError: The output cannot be written.
+    """
+    n = validate_verl_parquet(input_path)
+    out_path = Path(out_path)
+    if out_path.exists() and Path(input_path).resolve() == out_path.resolve():
+        return n
+    fd, tmp = _atomic_target(out_path)
+    try:
+        with os.fdopen(fd, "wb") as dst, open(input_path, "rb") as src:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return n
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
+def _parse_datasets(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise ValueError("--datasets is empty")
+    if "all" in names:
+        return list(DATASETS)
+    for n in names:
+        _spec(n)
+    return list(dict.fromkeys(names))
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m recipe.data",
+        description="Write math datasets as verl-format parquet files, or validate and copy one.",
+    )
+    p.add_argument("--datasets", help=f"comma-separated names or 'all' ({', '.join(DATASETS)})")
+    p.add_argument("--out-dir", help="output root: writes OUT_DIR/<dataset>/<split>.parquet")
+    p.add_argument(
+        "--source-dir",
+        help=f"local data directory (default: ${SHARED_DIR_ENV}/data or ../shared/data from the repo root)",
+    )
+    p.add_argument(
+        "--source", choices=("local", "hub"), default="local", help="read local files (default) or the hub"
+    )
+    p.add_argument(
+        "--template",
+        default="boxed",
+        help=f"prompt preset ({', '.join(TEMPLATES)}) or a literal string containing {{problem}}",
+    )
+    p.add_argument("--max-rows", type=int, default=None, help="keep the first N good rows of each split")
+    p.add_argument("--input", help="existing verl-format parquet file to validate and copy")
+    p.add_argument("--out", help="output file for --input")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point.
+
+    Args:
+        argv: Arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 1 on a data or input error, 2 on usage errors.
+    """
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.input is not None:
+        if args.out is None:
+            parser.error("--input needs --out")
+        if args.datasets or args.out_dir:
+            parser.error("--input cannot be combined with --datasets/--out-dir")
+        try:
+            n = passthrough(args.input, args.out)
+        except (DataError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"{args.input}: valid verl parquet, {n} rows -> {args.out}")
+        return 0
+    if not args.datasets or not args.out_dir:
+        parser.error("--datasets and --out-dir are required (or --input FILE --out FILE)")
+    if args.source == "hub" and args.source_dir is not None:
+        parser.error("--source-dir cannot be combined with --source hub")
+    try:
+        names = _parse_datasets(args.datasets)
+        resolve_template(args.template)
+        if args.max_rows is not None and args.max_rows < 0:
+            raise ValueError("--max-rows must be >= 0")
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        for name in names:
+            for split in DATASETS[name].splits:
+                res = convert_split(
+                    name, split, args.out_dir, args.source_dir, args.template, args.max_rows, args.source
+                )
+                print(res.summary(), flush=True)
+    except (DataError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,560 @@
+"""``hf``: a CPU rollout backend for verl 0.9.1 built on HF ``generate``.
+
+verl generates only through its agent loop and an async rollout server (vLLM, SGLang,
+TRT-LLM). None runs without a GPU, so this module provides a server with the same
+token-in/token-out protocol:
+
+- :class:`HFRolloutServer` (a Ray actor) holds an HF copy of the policy and answers
+  ``generate(prompt_ids, sampling_params, request_id, ...) -> TokenOutput`` like
+  ``vLLMHttpServer.generate``. Concurrent requests are **batched**: requests that arrive
+  within ``batch_wait_ms`` of each other (and while a batch is running) are grouped by
+  sampling parameters and generated in one left-padded ``model.generate`` call of at
+  most ``max_num_seqs`` rows. Token log-probs are recorded during generation (no second
+  forward pass).
+- :class:`HFReplica` (a ``RolloutReplica``) launches one server per replica, registered
+  as ``hf`` in verl's ``RolloutReplicaRegistry``.
+- :class:`HFServerAdapter` (a ``BaseRollout``) lives inside the FSDP training worker and
+  receives the weights after every update: every rank drains verl's weight generator
+  (the gather is collective), rank 0 sends the state dict to its server.
+
+Sampling parameters honoured: ``temperature`` (0 = greedy), ``top_p``, ``top_k`` (-1 =
+off), ``max_tokens`` / ``max_new_tokens`` (default ``rollout.response_length``, capped by
+``prompt_length + response_length - len(prompt)``), ``repetition_penalty``,
+``logprobs``, ``ignore_eos``; ``n`` arrives as n separate requests (verl's agent loop).
+
+Log-prob semantics: log-softmax of the logits divided by the sampling temperature
+(temperature 1 when greedy), before top-k / top-p masking. This is what verl's actor
+computes for ``old_log_prob``, so ``training/rollout_probs_diff_*`` measures only the
+weight-sync and numerical difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Generator, Optional
+
+import ray
+import torch
+
+logger = logging.getLogger(__name__)
+logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
+
+ROLLOUT_NAME = "hf"
+_DEFAULT_BATCH_WAIT_MS = 20.0
+
+
+# --------------------------------------------------------------------------------------
+# Log-prob capture inside HF generate
+# --------------------------------------------------------------------------------------
+class _LogProbRecorder:
+    """Logits processor (placed before HF's temperature/top-k/top-p warpers) that keeps
+    ``log_softmax(scores / T)`` of the current step, shape ``[B, V]`` float32."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.last: Optional[torch.Tensor] = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.last = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+
+class _LogProbGatherer:
+    """Stopping criterion (called after each new token is appended) that gathers the
+    chosen token's log-prob from the recorder; never stops generation itself."""
+
+    def __init__(self, recorder: _LogProbRecorder):
+        self.recorder = recorder
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        token = input_ids[:, -1:]
+        self.steps.append(self.recorder.last.gather(-1, token).squeeze(-1))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+# --------------------------------------------------------------------------------------
+# Requests and batching
+# --------------------------------------------------------------------------------------
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: dict[str, Any]
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+def _sampling_key(params: dict[str, Any]) -> tuple:
+    """Requests sharing this key can be generated in one ``generate`` call."""
+    return (
+        float(params["temperature"]),
+        float(params["top_p"]),
+        int(params["top_k"]),
+        int(params["max_tokens"]),
+        float(params["repetition_penalty"]),
+        bool(params["ignore_eos"]),
+    )
+
+
+def normalize_sampling_params(
+    sampling_params: dict[str, Any],
+    prompt_len: int,
+    prompt_length: int,
+    response_length: int,
+    max_model_len: Optional[int] = None,
+) -> dict[str, Any]:
+    """Turn verl's sampling-parameter dict into the fields this server uses.
+
+    Args:
+        sampling_params: As sent by verl's agent loop (``temperature``, ``top_p``,
+            ``top_k``, ``repetition_penalty``, ``logprobs``, optional ``max_tokens`` /
+            ``max_new_tokens``, ``ignore_eos``).
+        prompt_len: Number of prompt tokens of this request.
+        prompt_length: ``rollout.prompt_length``.
+        response_length: ``rollout.response_length``.
+        max_model_len: Optional context cap (``rollout.max_model_len``).
+
+    Returns:
+        A dict with ``temperature``, ``top_p``, ``top_k``, ``max_tokens``,
+        ``repetition_penalty``, ``ignore_eos`` and ``logprobs``.
+
+    Raises:
+        ValueError: if the prompt leaves no room for a single new token, or a value is
+            out of range (negative temperature, top_p outside (0, 1]).
+    """
+    p = dict(sampling_params)
+    if "max_tokens" in p:
+        max_tokens = p.pop("max_tokens")
+    elif "max_new_tokens" in p:
+        max_tokens = p.pop("max_new_tokens")
+    else:
+        max_tokens = min(response_length, prompt_length + response_length - prompt_len)
+    context = max_model_len or (prompt_length + response_length)
+    room = context - prompt_len
+    if room < 1:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens leaves no room to generate within {context} tokens "
+            "(rollout.prompt_length + rollout.response_length or rollout.max_model_len)"
+        )
+    max_tokens = max(1, min(int(max_tokens), room))
+    temperature = float(p.get("temperature", 1.0))
+    top_p = float(p.get("top_p", 1.0))
+    top_k = p.get("top_k", -1)
+    top_k = -1 if top_k is None else int(top_k)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    return {
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "max_tokens": max_tokens,
+        "repetition_penalty": float(p.get("repetition_penalty", 1.0) or 1.0),
+        "ignore_eos": bool(p.get("ignore_eos", False)),
+        "logprobs": bool(p.get("logprobs", False)),
+    }
+
+
+class HFGenerator:
+    """Batched generation with per-token log-probs on an HF causal LM (no Ray).
+
+    Args:
+        model: An HF ``PreTrainedModel`` (eval mode, CPU).
+        eos_token_ids: Token ids that end a response.
+        pad_token_id: Id used for left padding.
+    """
+
+    def __init__(self, model, eos_token_ids: list[int], pad_token_id: int):
+        self.model = model
+        self.eos_token_ids = list(dict.fromkeys(int(t) for t in eos_token_ids))
+        self.pad_token_id = int(pad_token_id)
+
+    @torch.no_grad()
+    def generate_batch(
+        self, prompts: list[list[int]], params: dict[str, Any]
+    ) -> list[tuple[list[int], list[float], str]]:
+        """Generate one response per prompt with shared sampling parameters.
+
+        Args:
+            prompts: ``B`` lists of prompt token ids (unpadded, any lengths).
+            params: Output of :func:`normalize_sampling_params` (shared by the batch).
+
+        Returns:
+            ``B`` tuples ``(response_ids, log_probs, finish_reason)``: response token ids
+            up to and including the first EOS (or ``max_tokens`` ids), their log-probs in
+            nats (float, same length), and ``"stop"`` or ``"length"``.
+        """
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        batch = len(prompts)
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, width), dtype=torch.long)
+        for i, ids in enumerate(prompts):
+            input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, width - len(ids) :] = 1
+
+        greedy = params["temperature"] <= 0
+        recorder = _LogProbRecorder(params["temperature"])
+        gatherer = _LogProbGatherer(recorder)
+        gen_kwargs: dict[str, Any] = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=params["max_tokens"],
+            do_sample=not greedy,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=None if params["ignore_eos"] else self.eos_token_ids,
+            logits_processor=LogitsProcessorList([recorder]),
+            stopping_criteria=StoppingCriteriaList([gatherer]),
+            use_cache=True,
+            repetition_penalty=params["repetition_penalty"],
+            return_dict_in_generate=False,
+        )
+        if greedy:
+            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        else:
+            gen_kwargs.update(
+                temperature=params["temperature"],
+                top_p=params["top_p"],
+                top_k=params["top_k"] if params["top_k"] > 0 else 0,
+            )
+        if params["ignore_eos"]:
+            gen_kwargs["min_new_tokens"] = params["max_tokens"]
+        out = self.model.generate(**gen_kwargs)
+        new_tokens = out[:, width:]
+        logprobs = torch.stack(gatherer.steps, dim=1) if gatherer.steps else torch.zeros((batch, 0))
+        eos = set(self.eos_token_ids) if not params["ignore_eos"] else set()
+        results = []
+        for i in range(batch):
+            ids = new_tokens[i].tolist()
+            end, reason = len(ids), "length"
+            for j, t in enumerate(ids):
+                if t in eos:
+                    end, reason = j + 1, "stop"
+                    break
+            results.append((ids[:end], logprobs[i, :end].tolist(), reason))
+        return results
+
+
+# --------------------------------------------------------------------------------------
+# The server (a Ray actor)
+# --------------------------------------------------------------------------------------
+class HFRolloutServer:
+    """Token-in/token-out rollout server answering like verl's vLLM server, on CPU.
+
+    Args:
+        config: verl ``RolloutConfig``. Reads ``prompt_length``, ``response_length``,
+            ``max_model_len``, ``max_num_seqs`` (largest batch), ``seed`` and
+            ``engine_kwargs.hf`` (``batch_wait_ms``: how long to wait for more requests
+            before starting a batch, default 20; ``num_threads``: torch threads, default
+            all cores; ``dtype``: ``float32`` (default) or ``bfloat16``).
+        model_config: verl ``HFModelConfig`` (``local_path``, tokenizer, generation config).
+        replica_rank: Replica index (names the actor, logs).
+    """
+
+    def __init__(self, config, model_config, replica_rank: int = 0):
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        self.config = config
+        self.model_config = model_config
+        self.replica_rank = replica_rank
+        hf_kwargs = dict((config.engine_kwargs or {}).get(ROLLOUT_NAME, {}) or {})
+        self.batch_wait_s = float(hf_kwargs.get("batch_wait_ms", _DEFAULT_BATCH_WAIT_MS)) / 1000.0
+        num_threads = hf_kwargs.get("num_threads")
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        dtype = getattr(torch, str(hf_kwargs.get("dtype", "float32")))
+        self.max_batch = max(1, int(config.max_num_seqs))
+        torch.manual_seed(int(config.seed) + replica_rank)
+
+        path = model_config.local_path
+        self.model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, attn_implementation="sdpa")
+        self.model.eval()
+        tokenizer = model_config.tokenizer
+        eos_ids: list[int] = []
+        try:
+            gen_cfg = GenerationConfig.from_pretrained(path)
+            ge = gen_cfg.eos_token_id
+            eos_ids += list(ge) if isinstance(ge, (list, tuple)) else ([ge] if ge is not None else [])
+        except OSError:
+            pass
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos_ids.append(tokenizer.eos_token_id)
+        if not eos_ids:
+            raise ValueError(f"model at {path} defines no eos token id (tokenizer or generation_config.json)")
+        pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else eos_ids[0]
+        self.generator = HFGenerator(self.model, eos_ids, pad)
+        self._weights_lock = threading.Lock()
+        self._pending: list[_Request] = []
+        self._batcher: Optional[asyncio.Task] = None
+        self.global_steps: Optional[int] = None
+        self.stats = {"requests": 0, "batches": 0, "tokens": 0, "generate_s": 0.0}
+
+    # -- protocol -------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        sampling_params: dict[str, Any],
+        request_id: str,
+        image_data: Optional[list[Any]] = None,
+        video_data: Optional[list[Any]] = None,
+        **kwargs,
+    ):
+        """Generate one response (see ``vLLMHttpServer.generate``); batched with
+        concurrent requests. Returns a verl ``TokenOutput``."""
+        from verl.workers.rollout.replica import TokenOutput
+
+        if image_data is not None or video_data is not None:
+            raise NotImplementedError("the hf rollout backend is text-only")
+        prompt_ids = [int(t) for t in (prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else prompt_ids)]
+        params = normalize_sampling_params(
+            sampling_params,
+            len(prompt_ids),
+            self.config.prompt_length,
+            self.config.response_length,
+            getattr(self.config, "max_model_len", None),
+        )
+        loop = asyncio.get_running_loop()
+        req = _Request(prompt_ids, params, loop.create_future())
+        self._pending.append(req)
+        if self._batcher is None or self._batcher.done():
+            self._batcher = loop.create_task(self._batch_loop())
+        token_ids, log_probs, reason = await req.future
+        return TokenOutput(
+            token_ids=token_ids,
+            log_probs=log_probs if params["logprobs"] else None,
+            stop_reason="completed",
+            extra_fields={"global_steps": self.global_steps, "finish_reason": reason},
+        )
+
+    async def _batch_loop(self) -> None:
+        while self._pending:
+            # Let concurrent requests arrive: wait until no new one came for batch_wait_s.
+            seen = -1
+            while len(self._pending) != seen and len(self._pending) < self.max_batch:
+                seen = len(self._pending)
+                await asyncio.sleep(self.batch_wait_s)
+            key = _sampling_key(self._pending[0].params)
+            group = [r for r in self._pending if _sampling_key(r.params) == key][: self.max_batch]
+            taken = {id(r) for r in group}
+            self._pending = [r for r in self._pending if id(r) not in taken]
+            start = time.monotonic()
+            try:
+                results = await asyncio.to_thread(self._generate_locked, [r.prompt_ids for r in group], group[0].params)
+            except Exception as e:  # deliver the error to every waiting request
+                for r in group:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+                continue
+            self.stats["batches"] += 1
+            self.stats["requests"] += len(group)
+            self.stats["tokens"] += sum(len(r[0]) for r in results)
+            self.stats["generate_s"] += time.monotonic() - start
+            for r, res in zip(group, results, strict=True):
+                if not r.future.done():
+                    r.future.set_result(res)
+
+    def _generate_locked(self, prompts, params):
+        with self._weights_lock:
+            return self.generator.generate_batch(prompts, params)
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor], global_steps: Optional[int] = None) -> int:
+        """Load full (gathered) weights sent by the training worker.
+
+        Args:
+            state_dict: HF parameter names -> full tensors (any float dtype).
+            global_steps: Weight version, reported back in ``TokenOutput.extra_fields``.
+
+        Returns:
+            Number of tensors loaded.
+
+        Raises:
+            KeyError: if a name is unknown to the model (a mismatch between the actor's
+                and the rollout's architecture).
+        """
+        own = self.model.state_dict()
+        unknown = [k for k in state_dict if k not in own]
+        if unknown:
+            raise KeyError(f"hf rollout: weights not in the rollout model: {unknown[:5]} (of {len(unknown)})")
+        with self._weights_lock, torch.no_grad():
+            for name, tensor in state_dict.items():
+                own[name].copy_(tensor.to(own[name].dtype))
+        if global_steps is not None:
+            self.global_steps = global_steps
+        return len(state_dict)
+
+    def get_stats(self) -> dict[str, float]:
+        """Counters since start: requests, batches, generated tokens, seconds generating."""
+        return dict(self.stats)
+
+    async def set_global_steps(self, global_steps: int):
+        self.global_steps = global_steps
+
+    # -- lifecycle calls verl makes on every server: nothing to do on CPU ---------------
+    async def wake_up(self, tags: Optional[list[str]] = None):
+        return None
+
+    async def sleep(self):
+        return None
+
+    async def clear_kv_cache(self):
+        return None
+
+    async def release_kv_cache(self):
+        return None
+
+    async def resume_kv_cache(self):
+        return None
+
+    async def wait_for_requests_to_drain(self):
+        while self._pending or (self._batcher is not None and not self._batcher.done()):
+            await asyncio.sleep(0.01)
+
+    async def abort_all_requests(self, reset_prefix_cache: bool = True, reject_request: bool = False):
+        return {"aborted_count": 0, "request_ids": []}
+
+    async def abort_request(self, request_id: str, reset_prefix_cache: bool = True):
+        return {"aborted": False, "request_id": request_id}
+
+    async def resume_generation(self):
+        return None
+
+    async def start_profile(self, **kwargs):
+        return None
+
+    async def stop_profile(self):
+        return None
+
+
+# --------------------------------------------------------------------------------------
+# Replica and in-worker adapter
+# --------------------------------------------------------------------------------------
+def _server_name(replica_rank: int, suffix: str = "") -> str:
+    return f"{ROLLOUT_NAME}_server_{replica_rank}_0{suffix}"
+
+
+def _replica_class():
+    from verl.workers.rollout.replica import RolloutReplica
+
+    class HFReplica(RolloutReplica):
+        """One :class:`HFRolloutServer` per replica (``tensor_model_parallel_size`` must be 1)."""
+
+        async def launch_servers(self):
+            if self.world_size != 1:
+                raise ValueError(
+                    "the hf rollout backend runs one process per replica: set "
+                    "actor_rollout_ref.rollout.tensor_model_parallel_size=1 (and data/pipeline parallel 1); "
+                    f"got world size {self.world_size}"
+                )
+            if self.is_reward_model:
+                name = _server_name(self.replica_rank, "_reward" + self.name_suffix)
+            elif self.is_teacher_model:
+                name = _server_name(self.replica_rank, "_teacher" + self.name_suffix)
+            else:
+                name = _server_name(self.replica_rank, self.name_suffix)
+            server_cls = ray.remote(HFRolloutServer)
+            server = server_cls.options(name=name, num_cpus=0, max_concurrency=self.max_concurrency).remote(config=self.config, model_config=self.model_config, replica_rank=self.replica_rank)
+            await server.get_stats.remote()  # wait for the model to load
+            self.servers = [server]
+            self._server_handle = server
+            self._server_address = name
+
+        def rollout_worker_use_gpu(self) -> bool:
+            return False
+
+    return HFReplica
+
+
+def _adapter_class():
+    from verl.workers.rollout.base import BaseRollout
+
+    class HFServerAdapter(BaseRollout):
+        """In the FSDP training worker: forwards weight updates to the replica's server.
+
+        Every rank iterates the weight generator (the FSDP2 full-tensor gather is
+        collective); only rank 0 of each replica keeps the tensors and sends them.
+        """
+
+        def __init__(self, config, model_config, device_mesh, replica_rank: int = -1):
+            super().__init__(config, model_config, device_mesh)
+            rank = int(os.environ.get("RANK", 0))
+            world = self.config.tensor_model_parallel_size * self.config.data_parallel_size
+            self.replica_rank = rank // world if replica_rank == -1 else replica_rank
+            self.rollout_rank = rank % world
+            self.is_leader_rank = self.rollout_rank == 0
+            self._server = None
+
+        def _server_handle(self):
+            if self._server is None:
+                self._server = ray.get_actor(_server_name(self.replica_rank))
+            return self._server
+
+        async def resume(self, tags: list[str]):
+            return None
+
+        async def release(self):
+            return None
+
+        @torch.no_grad()
+        async def update_weights(
+            self,
+            weights: Generator[tuple[str, torch.Tensor], None, None],
+            wire_format: str = "named_tensors",
+            global_steps: Optional[int] = None,
+            peft_config=None,
+            **kwargs,
+        ):
+            if wire_format != "named_tensors":
+                raise NotImplementedError(f"hf rollout supports wire_format='named_tensors' only, got {wire_format!r}")
+            if peft_config is not None:
+                raise NotImplementedError("hf rollout: LoRA adapters are not supported; set model.lora.merge=True")
+            state: dict[str, torch.Tensor] = {}
+            for name, tensor in weights:
+                if self.is_leader_rank:
+                    state[name] = tensor.detach().to("cpu", copy=True).contiguous()
+            if self.is_leader_rank:
+                await self._server_handle().update_weights.remote(state, global_steps)
+
+    return HFServerAdapter
+
+
+def __getattr__(name: str):
+    # Classes that subclass verl types are built lazily so that importing this module
+    # (done while verl itself is importing, through the plugin entry point) stays cheap.
+    if name == "HFReplica":
+        return _cached(_replica_class)()
+    if name == "HFServerAdapter":
+        return _cached(_adapter_class)()
+    raise AttributeError(name)
+
+
+def register() -> None:
+    """Register ``hf`` in verl's rollout registries (idempotent, cheap: loaders are lazy).
+
+    - ``RolloutReplicaRegistry`` -> :class:`HFReplica` (used by ``LLMServerManager``);
+    - ``verl.workers.rollout.base._ROLLOUT_REGISTRY[("hf", "async")]`` ->
+      :class:`HFServerAdapter` (built inside the training worker).
+    """
+    from verl.workers.rollout import base as rollout_base
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    RolloutReplicaRegistry.register(ROLLOUT_NAME, _cached(_replica_class))
+    rollout_base._ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = f"{__name__}.HFServerAdapter"
+
+
+_CACHE: dict = {}
+
+
+def _cached(factory):
+    def load():
+        if factory not in _CACHE:
+            _CACHE[factory] = factory()
+        return _CACHE[factory]
+
+    return load
