@@ -7,7 +7,8 @@ the entry-point module :mod:`verl_patches.plugin` calls :func:`load`, which logs
 (:func:`status`), and ``recipe.main`` refuses to start when a patch failed.
 
 Always applied (cheap, harmless on GPU):
-    - ``rollout``: registers the ``hf`` rollout backend (:mod:`verl_patches.hf_rollout`).
+    - ``rollout``: registers the ``hf`` rollout backend (:mod:`verl_patches.hf_rollout`);
+    - ``tracking``: verl's JSONL metrics logger appends on resume instead of truncating.
 
 Applied only in CPU mode (``VERL_PLATFORM=cpu``, set by ``device=cpu`` / ``run.sh``):
     - ``platform``: a ``cpu`` platform in verl's platform registry;
@@ -73,7 +74,10 @@ def apply(cpu: bool | None = None) -> dict:
     check_verl_version()
     from . import hf_rollout
 
+    from . import tracking
+
     hf_rollout.register()
+    tracking.apply()
     _STATUS["rollout"] = True
     if cpu if cpu is not None else cpu_mode():
         from . import distributed, fsdp, platform

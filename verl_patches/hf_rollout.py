@@ -260,7 +260,12 @@ class HFRolloutServer:
 
     def __init__(self, config, model_config, replica_rank: int = 0):
         from transformers import AutoModelForCausalLM, GenerationConfig
+        from verl.utils.config import omega_conf_to_dataclass
+        from verl.workers.config import HFModelConfig
 
+        config = omega_conf_to_dataclass(config)
+        if not isinstance(model_config, HFModelConfig):
+            model_config = omega_conf_to_dataclass(model_config, dataclass_type=HFModelConfig)
         self.config = config
         self.model_config = model_config
         self.replica_rank = replica_rank

@@ -1,0 +1,198 @@
+"""Entry point: ``python -m recipe.main [HYDRA OVERRIDES]`` (what ``./run.sh`` runs).
+
+Composes ``conf/config.yaml`` (verl's ``ppo_trainer`` defaults + this project's groups),
+prepares what is missing (data files through :mod:`recipe.data`, the tiny model through
+:mod:`recipe.models`), switches verl to the CPU platform when ``trainer.device=cpu``,
+then runs verl's own V1 trainer (``verl.trainer.main_ppo.run_ppo`` with
+``TaskRunnerV1``): Ray, FSDP2 workers, agent loop, rollout server, checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+logger = logging.getLogger("recipe.main")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """The composed config cannot run (names the key at fault)."""
+
+
+def _abs(path: str | os.PathLike) -> str:
+    return str(Path(os.path.expanduser(str(path))).resolve())
+
+
+def _files(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]
+
+
+def setup_paths(cfg: DictConfig) -> None:
+    """Make ``paths.*`` absolute and export the shared-data location for subprocesses."""
+    for key in ("artifacts",):
+        cfg.paths[key] = _abs(cfg.paths[key])
+    if cfg.paths.get("shared"):
+        os.environ["RECIPE_SHARED_DIR"] = _abs(cfg.paths.shared)
+
+
+def prepare_data(cfg: DictConfig) -> None:
+    """Convert missing ``${paths.data}/<dataset>/<split>.parquet`` files with :mod:`recipe.data`.
+
+    Raises:
+        FileNotFoundError: naming the config key and file, when a data file is missing and
+            is not one this project can prepare.
+    """
+    from recipe import data as data_mod
+
+    data_root = Path(cfg.paths.data).resolve()
+    for key in ("train_files", "val_files"):
+        for f in _files(cfg.data.get(key)):
+            path = Path(os.path.expanduser(f)).resolve()
+            if path.exists():
+                continue
+            dataset = path.parent.name
+            can_prepare = (
+                cfg.prepare.data and path.parent.parent == data_root and dataset in data_mod.DATASETS
+            )
+            if not can_prepare:
+                raise FileNotFoundError(
+                    f"data.{key}: {path} does not exist (prepare it with `python -m recipe.data` "
+                    f"or point data.{key} at a verl-format parquet)"
+                )
+            logger.info("preparing %s into %s", dataset, data_root)
+            print(f"[recipe] preparing dataset '{dataset}' -> {data_root}", flush=True)
+            data_mod.prepare(dataset, data_root, template=cfg.prepare.template)
+            if not path.exists():
+                raise FileNotFoundError(f"data.{key}: recipe.data prepared {dataset} but {path} is still missing")
+
+
+def prepare_model(cfg: DictConfig) -> None:
+    """Build the tiny model at ``actor_rollout_ref.model.path`` when asked and missing."""
+    tm = cfg.get("tiny_model") or {}
+    path = cfg.actor_rollout_ref.model.path
+    if not (cfg.prepare.model and tm.get("build", False)):
+        return
+    from recipe import models
+
+    if models.is_complete_model_dir(path):
+        return
+    print(f"[recipe] building tiny model -> {path}", flush=True)
+    models.build_tiny_model(
+        path,
+        tokenizer=tm.get("tokenizer", "local"),
+        hidden_size=tm.get("hidden_size", 64),
+        num_layers=tm.get("num_layers", 2),
+        seed=tm.get("seed", 0),
+    )
+
+
+def setup_device(cfg: DictConfig) -> None:
+    """On ``trainer.device=cpu``: select verl's ``cpu`` platform and apply verl_patches.
+
+    Raises:
+        RuntimeError: when a patch failed to apply (the traceback is in the message).
+    """
+    if cfg.trainer.device != "cpu":
+        return
+    os.environ["VERL_PLATFORM"] = "cpu"
+    import verl_patches
+
+    verl_patches.apply(cpu=True)
+    add_ray_env(cfg, VERL_PLATFORM="cpu", VERL_ENGINE_DEVICE=os.environ.get("VERL_ENGINE_DEVICE", "cuda"))
+
+
+def add_ray_env(cfg: DictConfig, **env: str) -> None:
+    """Add environment variables for every Ray worker (``ray_kwargs.ray_init.runtime_env.env_vars``).
+
+    Workers of a locally started cluster inherit the driver's environment anyway; this
+    also covers an existing cluster (``ray_kwargs.ray_init.address``).
+    """
+    with open_dict(cfg):
+        ray_init = cfg.ray_kwargs.setdefault("ray_init", {})
+        runtime_env = ray_init.setdefault("runtime_env", {})
+        env_vars = runtime_env.setdefault("env_vars", {})
+        env_vars.update(env)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Start-up checks that verl does not make itself, each naming the keys at fault.
+
+    Raises:
+        ConfigError: on an incompatible setting.
+    """
+    rollout = cfg.actor_rollout_ref.rollout
+    if rollout.name == "hf" and cfg.trainer.device != "cpu":
+        raise ConfigError("actor_rollout_ref.rollout.name=hf is the CPU rollout; use device=gpu with rollout.name=vllm")
+    if cfg.trainer.device == "cpu" and rollout.name in ("vllm", "sglang", "trtllm"):
+        raise ConfigError(
+            f"actor_rollout_ref.rollout.name={rollout.name} needs a GPU; on CPU use actor_rollout_ref.rollout.name=hf"
+        )
+    if cfg.algorithm.adv_estimator == "grpo" and rollout.n < 2:
+        raise ConfigError(
+            "algorithm.adv_estimator=grpo needs groups: set actor_rollout_ref.rollout.n >= 2 "
+            f"(got {rollout.n})"
+        )
+
+
+def setup_metrics_file(cfg: DictConfig) -> str:
+    """Point verl's ``file`` logger at ``metrics_file`` (appended to on resume)."""
+    path = _abs(cfg.metrics_file)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    os.environ["VERL_FILE_LOGGER_PATH"] = path
+    add_ray_env(cfg, VERL_FILE_LOGGER_PATH=path)
+    return path
+
+
+def run(cfg: DictConfig) -> None:
+    """Prepare, patch and run verl's V1 PPO trainer with ``cfg``."""
+    setup_paths(cfg)
+    check_config(cfg)
+    prepare_data(cfg)
+    prepare_model(cfg)
+    setup_device(cfg)
+    metrics_path = setup_metrics_file(cfg)
+    print(f"[recipe] run dir: {_abs(cfg.trainer.default_local_dir)}  metrics: {metrics_path}", flush=True)
+
+    import verl_patches
+    from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+    from verl.utils.device import auto_set_device
+
+    st = verl_patches.status()
+    if st["error"] or (cfg.trainer.device == "cpu" and not st["cpu"]):
+        raise RuntimeError(f"verl_patches did not apply: {st['error']}")
+
+    # Resolve our own keys (paths, hydra choices) now: Ray workers have no Hydra context.
+    OmegaConf.resolve(cfg)
+    auto_set_device(cfg)
+    validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+    if not cfg.trainer.use_v1:
+        raise ConfigError("trainer.use_v1=false: this project runs verl's V1 trainer only (see README, design)")
+    run_ppo(cfg, task_runner_class=TaskRunnerV1)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    logging.basicConfig(level=logging.INFO)
+    try:
+        run(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"[recipe] error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
