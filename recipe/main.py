@@ -3,8 +3,8 @@
 Composes ``conf/config.yaml`` (verl's ``ppo_trainer`` defaults + this project's groups),
 prepares what is missing (data files through :mod:`recipe.data`, the tiny model through
 :mod:`recipe.models`), switches verl to the CPU platform when ``trainer.device=cpu``,
-then runs verl's own V1 trainer (``verl.trainer.main_ppo.run_ppo`` with
-``TaskRunnerV1``): Ray, FSDP2 workers, agent loop, rollout server, checkpoints.
+then runs verl's own V1 trainer (``verl.trainer.main_ppo.run_ppo`` with verl's
+``TaskRunnerV1``, whose trainer is :class:`recipe.trainer.RecipeTrainer`): Ray, FSDP2 workers, agent loop, rollout server, checkpoints.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def run(cfg: DictConfig) -> None:
     print(f"[recipe] run dir: {_abs(cfg.trainer.default_local_dir)}  metrics: {metrics_path}", flush=True)
 
     import verl_patches
-    from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+    from verl.trainer.main_ppo import run_ppo
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
     from verl.utils.device import auto_set_device
@@ -180,7 +180,9 @@ def run(cfg: DictConfig) -> None:
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
     if not cfg.trainer.use_v1:
         raise ConfigError("trainer.use_v1=false: this project runs verl's V1 trainer only (see README, design)")
-    run_ppo(cfg, task_runner_class=TaskRunnerV1)
+    from recipe.trainer import RecipeTaskRunner
+
+    run_ppo(cfg, task_runner_class=RecipeTaskRunner)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)

@@ -1,0 +1,86 @@
+"""This project's narrow hooks on verl's V1 trainer.
+
+:class:`RecipeTrainer` is verl's synchronous V1 trainer (``PPOTrainerSync``), registered
+with verl's ``register_trainer`` as ``recipe_sync`` and selected by
+``trainer.v1.trainer_mode=recipe_sync`` (the default of ``conf/config.yaml``). It
+behaves exactly like ``sync`` (the mode is set back to ``sync`` on construction, so
+verl's replay buffer and parameter-sync settings are the sync ones) and adds:
+
+- ``reward/<key>`` training metrics: the batch mean of every numeric field the reward
+  function returns (``acc``, ``has_answer``, ``grader_timeout``, ...), next to verl's own
+  ``critic/score/*`` (the reward). Validation already reports them as
+  ``val-core/<data_source>/acc/mean@1`` etc.
+
+:class:`RecipeTaskRunner` is verl's ``TaskRunnerV1`` that imports this module first, so
+the registration happens in the Ray process that builds the trainer.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections import defaultdict
+
+import numpy as np
+import ray
+from omegaconf import open_dict
+
+from verl.trainer.main_ppo import TaskRunnerV1
+from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+TRAINER_MODE = "recipe_sync"
+
+
+def reward_extra_metrics(extra_fields: list, prefix: str = "reward/") -> dict[str, float]:
+    """Average the numeric ``reward_extra_info`` entries of a training batch.
+
+    Args:
+        extra_fields: One dict per sample (``B`` = prompts x n) as stored by verl's agent
+            loop; the reward function's dict lives under ``"reward_extra_info"``.
+        prefix: Metric name prefix.
+
+    Returns:
+        ``{prefix + key: mean}`` over the samples that carry ``key`` with a number or bool
+        value (strings such as the extracted answer are skipped). ``score`` is skipped:
+        verl reports it as ``critic/score/mean``.
+    """
+    values: dict[str, list[float]] = defaultdict(list)
+    for field in extra_fields:
+        info = field.get("reward_extra_info", {}) if isinstance(field, dict) else {}
+        for key, value in (info or {}).items():
+            if key == "score" or isinstance(value, str):
+                continue
+            if isinstance(value, (bool, np.bool_, numbers.Number)):
+                values[key].append(float(value))
+    return {f"{prefix}{k}": float(np.mean(v)) for k, v in values.items() if v}
+
+
+class RecipeTrainer(PPOTrainerSync):
+    """verl's sync V1 trainer plus the hooks listed in the module docstring."""
+
+    def __init__(self, config):
+        with open_dict(config):
+            config.trainer.v1.trainer_mode = "sync"
+        super().__init__(config)
+
+    def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
+        super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
+        import transfer_queue as tq
+
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
+        extra = data.pop("extra_fields", None)
+        if extra is not None:
+            keep = [i for i, tag in enumerate(batch.tags) if not tag.get("is_padding", False)]
+            fields = extra.tolist()
+            metrics.update(reward_extra_metrics([fields[i] for i in keep] if keep else fields))
+
+
+if TRAINER_MODE not in TRAINER_REGISTRY:
+    register_trainer(TRAINER_MODE)(RecipeTrainer)
+
+
+class _RecipeTaskRunner(TaskRunnerV1.__ray_actor_class__):
+    """verl's V1 task runner; importing this module registered :class:`RecipeTrainer`."""
+
+
+RecipeTaskRunner = ray.remote(_RecipeTaskRunner)
