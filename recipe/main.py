@@ -133,10 +133,14 @@ def check_config(cfg: DictConfig) -> None:
     """
     rollout = cfg.actor_rollout_ref.rollout
     if rollout.name == "hf" and cfg.trainer.device != "cpu":
-        raise ConfigError("actor_rollout_ref.rollout.name=hf is the CPU rollout; use device=gpu with rollout.name=vllm")
+        raise ConfigError(
+            f"trainer.device={cfg.trainer.device}: actor_rollout_ref.rollout.name=hf is the CPU-only rollout; "
+            "use actor_rollout_ref.rollout.name=vllm (device=gpu sets it)"
+        )
     if cfg.trainer.device == "cpu" and rollout.name in ("vllm", "sglang", "trtllm"):
         raise ConfigError(
-            f"actor_rollout_ref.rollout.name={rollout.name} needs a GPU; on CPU use actor_rollout_ref.rollout.name=hf"
+            f"trainer.device=cpu: actor_rollout_ref.rollout.name={rollout.name} needs a GPU; "
+            "on CPU use actor_rollout_ref.rollout.name=hf (device=cpu sets it)"
         )
     if cfg.algorithm.adv_estimator == "grpo" and rollout.n < 2:
         raise ConfigError(

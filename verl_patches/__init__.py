@@ -86,6 +86,7 @@ def apply(cpu: bool | None = None) -> dict:
         distributed.apply()
         fsdp.apply()
         _STATUS["cpu"] = True
+    _STATUS["error"] = None
     return status()
 
 

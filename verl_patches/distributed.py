@@ -1,9 +1,11 @@
 """Distributed backend on CPU: ``gloo`` instead of verl's ``cpu:gloo,<device>:<backend>``.
 
-verl 0.9.1 initialises its process group with ``f"cpu:gloo,{device}:{backend}"``. With
+verl 0.9.1 initialises its process groups with ``f"cpu:gloo,{device}:{backend}"``. With
 the ``cpu`` platform that string is ``cpu:gloo,cpu:gloo``, which torch rejects
-("Duplicate device type cpu"). The patched initialisers pass ``gloo`` when the
-platform's device is ``cpu`` and are unchanged otherwise.
+("Duplicate device type cpu"). Both initialisers (``initialize_global_process_group_ray``
+used by the Ray workers, ``initialize_global_process_group`` used by torchrun entry
+points such as the SFT trainer) are wrapped: when the platform's device is ``cpu`` the
+torch call gets ``backend="gloo"``; otherwise they are unchanged.
 """
 
 from __future__ import annotations
@@ -13,33 +15,32 @@ import functools
 from ._util import rebind
 
 
-def _cpu_backend(fn):
+def _gloo_on_cpu(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import torch.distributed as dist
+
         from verl.utils.device import get_device_name
 
-        if get_device_name() == "cpu" and kwargs.get("backend") is None and len(args) < 2:
-            import os
-            from datetime import timedelta
+        if get_device_name() != "cpu":
+            return fn(*args, **kwargs)
+        # verl reaches torch through the module attribute, so swapping it for the
+        # duration of the call changes the backend of exactly this initialisation.
+        real_init = dist.init_process_group
 
-            import torch.distributed as dist
+        def init_gloo(backend=None, *a, **kw):
+            return real_init("gloo", *a, **kw)
 
-            if fn.__name__ == "initialize_global_process_group_ray":
-                timeout_second = kwargs.get("timeout_second", args[0] if args else None)
-                if not dist.is_initialized():
-                    dist.init_process_group(
-                        backend="gloo",
-                        rank=int(os.environ.get("RANK", 0)),
-                        world_size=int(os.environ.get("WORLD_SIZE", 1)),
-                        timeout=timedelta(seconds=timeout_second) if timeout_second is not None else None,
-                        init_method=os.environ.get("DIST_INIT_METHOD", None),
-                    )
-                return None
-        return fn(*args, **kwargs)
+        dist.init_process_group = init_gloo
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            dist.init_process_group = real_init
 
     return wrapper
 
 
 def apply() -> None:
-    """Make verl's Ray process-group initialiser use ``gloo`` on CPU (idempotent)."""
-    rebind("verl.utils.distributed", "initialize_global_process_group_ray", _cpu_backend)
+    """Make verl's process-group initialisers use ``gloo`` on CPU (idempotent)."""
+    rebind("verl.utils.distributed", "initialize_global_process_group_ray", _gloo_on_cpu)
+    rebind("verl.utils.distributed", "initialize_global_process_group", _gloo_on_cpu)

@@ -1,0 +1,381 @@
+"""Tests of the Hydra configs (conf/) and the start-up helpers of recipe.main / recipe.trainer.
+
+Every yaml under conf/ is composed the way ``python -m recipe.main`` composes it (verl's
+own ``ppo_trainer`` through ``pkg://verl.trainer.config`` plus this project's groups) and
+fully resolved, including ``${hydra:runtime.choices.*}``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytest
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from recipe import data as rd
+from recipe.main import ConfigError, check_config, prepare_data
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO_ROOT / "conf"
+YAML_FILES = sorted(CONF_DIR.rglob("*.yaml"))
+# conf/config.yaml's defaults list (checked in test_default_config)
+DEFAULT_CHOICES = {"data": "gsm8k", "model": "tiny", "recipe": "grpo", "device": "cpu"}
+
+
+def _context(p: Path) -> list[str]:
+    """Overrides a group file is composed with: data files and GPU-only models on device=gpu.
+
+    device=cpu (the default) deliberately resizes data.* for the CPU, and the hub models
+    are marked "GPU only" in their headers.
+    """
+    if p.parent.name == "data" or (p.parent.name == "model" and "GPU only" in p.read_text()):
+        return ["device=gpu"]
+    return []
+
+
+def _rel(p: Path) -> str:
+    return p.relative_to(CONF_DIR).as_posix()
+
+
+def _override(p: Path) -> list[str]:
+    """``conf/<group>/<name>.yaml`` -> ``["<group>=<name>"]``; the primary config -> []."""
+    if p.parent == CONF_DIR:
+        return []
+    return [f"{p.parent.relative_to(CONF_DIR).as_posix()}={p.stem}"]
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    out = {}
+    if isinstance(node, dict):
+        if not node and prefix:
+            out[prefix] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        out[prefix] = node
+    return out
+
+
+def _own_leaves(p: Path) -> dict:
+    """The leaves a yaml file sets, as dotted keys of the composed config (unresolved)."""
+    raw = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
+    raw.pop("defaults", None)
+    raw.pop("hydra", None)
+    if p.parent != CONF_DIR and "@package _global_" not in p.read_text():
+        raw = {p.parent.name: raw}
+    return _flatten(raw)
+
+
+@pytest.fixture(scope="module")
+def composer():
+    """``compose(*overrides)`` -> a fresh copy of the composed config (hydra node included).
+
+    Also exposes ``composer.verl_default``: verl's own ``ppo_trainer``, composed alone, and
+    ``composer.verl_missing``: its keys left ``???``.
+    """
+    with hydra.initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        verl_default = hydra.compose("ppo_trainer")
+    cache: dict[tuple, DictConfig] = {}
+    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+
+        def compose(*overrides: str) -> DictConfig:
+            # choosing a default is the same config: compose it once (composing is slow)
+            defaults = {f"{k}={v}" for k, v in DEFAULT_CHOICES.items()}
+            key = tuple(sorted(o for o in overrides if o not in defaults))
+            if key not in cache:
+                cache[key] = hydra.compose("config", overrides=list(overrides), return_hydra_config=True)
+            return copy.deepcopy(cache[key])
+
+        compose.verl_default = verl_default
+        compose.verl_missing = OmegaConf.missing_keys(verl_default)
+        yield compose
+    HydraConfig.instance().cfg = None
+
+
+def resolve(cfg: DictConfig) -> tuple[DictConfig, dict]:
+    """Resolve a composed config the way a Hydra app sees it; returns (cfg, hydra choices).
+
+    ``${hydra:...}`` needs the Hydra config registered (what ``@hydra.main`` does); the
+    ``hydra`` node itself has run-time-only values (``hydra.job.num``), so it is removed
+    before resolving everything else.
+    """
+    HydraConfig.instance().set_config(cfg)
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    run_dir = OmegaConf.select(cfg, "hydra.run.dir")
+    with open_dict(cfg):
+        del cfg["hydra"]
+    OmegaConf.resolve(cfg)
+    choices["_run_dir"] = run_dir
+    return cfg, choices
+
+
+# --------------------------------------------------------------------------------------
+# every yaml composes and resolves
+# --------------------------------------------------------------------------------------
+def test_conf_tree_is_what_the_tests_expect():
+    names = {_rel(p) for p in YAML_FILES}
+    for expected in ("config.yaml", "data/gsm8k.yaml", "data/math.yaml", "device/cpu.yaml", "device/gpu.yaml",
+                     "model/tiny.yaml", "model/tiny_qwen.yaml", "recipe/grpo.yaml"):
+        assert expected in names
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=_rel)
+def test_every_yaml_composes_and_resolves(composer, path):
+    cfg = composer(*_override(path), *_context(path))
+    unresolved = _flatten(OmegaConf.to_container(cfg, resolve=False))
+    cfg, choices = resolve(cfg)
+    OmegaConf.to_container(cfg, resolve=True)  # nothing left that cannot resolve
+
+    # the file's own values are the ones composed (compared before interpolation)
+    for key, value in _own_leaves(path).items():
+        assert key in unresolved, f"{_rel(path)}: {key} missing from the composed config"
+        assert unresolved[key] == value, f"{_rel(path)}: {key} = {unresolved[key]!r}, the file says {value!r}"
+
+    # the group choice is the one asked for, and names the experiment
+    if path.parent != CONF_DIR:
+        assert choices[path.parent.name] == path.stem
+    assert cfg.trainer.experiment_name == f"{choices['recipe']}_{choices['data']}_{choices['model']}"
+    assert cfg.trainer.default_local_dir.endswith(f"runs/{cfg.trainer.experiment_name}")
+    assert choices["_run_dir"].startswith(f"{cfg.paths.runs}/{cfg.trainer.experiment_name}/hydra/")
+    assert cfg.metrics_file == f"{cfg.trainer.default_local_dir}/metrics.jsonl"
+
+    # no mandatory value left open beyond the ones verl's own defaults leave open
+    missing = OmegaConf.missing_keys(cfg)
+    assert missing <= composer.verl_missing, missing - composer.verl_missing
+    assert "actor_rollout_ref.rollout.name" not in missing
+
+
+_COMMAND = re.compile(r"(\./run\.sh|python -m \S+)")
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=_rel)
+def test_every_yaml_starts_with_its_command(path):
+    """Style rule: every config file starts with (a comment holding) the command that runs it."""
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    assert header, f"{_rel(path)} does not start with a comment"
+    commands = [line for line in header if _COMMAND.search(line)]
+    assert commands, f"{_rel(path)}: no `./run.sh ...` / `python -m ...` command in its leading comment"
+    if path.parent != CONF_DIR:
+        choice = _override(path)[0]
+        assert any(choice in line for line in commands), f"{_rel(path)}: the command does not select {choice}"
+
+
+def test_group_values(composer):
+    cfg, _ = resolve(composer("data=math", "device=gpu"))
+    assert cfg.data.train_files.endswith("math/train.parquet")
+    assert cfg.data.val_files.endswith("math500/test.parquet")
+    assert cfg.data.train_files.startswith(cfg.paths.data)
+    assert cfg.data.max_response_length == 1024
+
+    cfg, _ = resolve(composer("device=cpu"))
+    assert cfg.actor_rollout_ref.rollout.name == "hf"
+    assert cfg.trainer.device == "cpu"
+    assert cfg.actor_rollout_ref.actor.strategy == "fsdp2"
+    assert cfg.actor_rollout_ref.ref.strategy == "fsdp2"
+    assert cfg.actor_rollout_ref.actor.fsdp_config.dtype == "float32"
+    assert cfg.trainer.use_v1 is True
+
+    cfg, _ = resolve(composer("device=gpu"))
+    assert cfg.actor_rollout_ref.rollout.name == "vllm"
+    assert cfg.trainer.device == "cuda"
+    assert cfg.actor_rollout_ref.actor.strategy == "fsdp2"
+
+    cfg, _ = resolve(composer("model=tiny_qwen"))
+    assert "qwen2.5" in cfg.actor_rollout_ref.model.path
+    assert cfg.actor_rollout_ref.model.path.startswith(cfg.paths.models)
+
+    cfg, _ = resolve(composer("recipe=grpo"))
+    assert cfg.algorithm.adv_estimator == "grpo"
+    assert cfg.actor_rollout_ref.actor.clip_ratio == 0.2
+    assert cfg.actor_rollout_ref.rollout.n >= 2
+
+
+def test_default_config(composer):
+    cfg, choices = resolve(composer())
+    assert {k: choices[k] for k in DEFAULT_CHOICES} == DEFAULT_CHOICES
+    assert cfg.trainer.experiment_name == "grpo_gsm8k_tiny"
+    assert cfg.data.train_files.endswith("gsm8k/train.parquet")
+    # device=cpu comes after data= in the defaults list, so its CPU sizes win
+    assert cfg.data.train_batch_size == 4
+    assert cfg.data.max_response_length == 128
+    assert cfg.reward.custom_reward_function.path == "pkg://recipe.reward.math_reward"
+    assert cfg.trainer.v1.trainer_mode == "recipe_sync"
+
+
+def test_verl_defaults_untouched_unless_set_here(composer):
+    """Every verl key that no yaml of the default composition sets keeps verl's value."""
+    ours = _flatten(OmegaConf.to_container(composer(), resolve=False))
+    verl = _flatten(OmegaConf.to_container(composer.verl_default, resolve=False))
+    touched = set()
+    for p in (CONF_DIR / "config.yaml", CONF_DIR / "data/gsm8k.yaml", CONF_DIR / "model/tiny.yaml",
+              CONF_DIR / "recipe/grpo.yaml", CONF_DIR / "device/cpu.yaml"):
+        touched |= set(_own_leaves(p))
+
+    def is_touched(key: str) -> bool:
+        return any(t == key or t.startswith(key + ".") or key.startswith(t + ".") for t in touched)
+
+    changed = {k: (verl[k], ours.get(k)) for k in verl if not is_touched(k) and ours.get(k, object()) != verl[k]}
+    assert not changed, f"verl defaults changed by no yaml of ours: {changed}"
+    # a few by name
+    assert ours["actor_rollout_ref.actor.clip_ratio_c"] == verl["actor_rollout_ref.actor.clip_ratio_c"] == 3.0
+    assert ours["algorithm.gamma"] == 1.0
+    assert ours["data.prompt_key"] == "prompt"
+
+
+# --------------------------------------------------------------------------------------
+# verl's own validation
+# --------------------------------------------------------------------------------------
+def _validate(cfg: DictConfig) -> None:
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+
+
+@pytest.mark.filterwarnings("ignore:Disabled critic")
+@pytest.mark.parametrize(
+    "overrides",
+    [(), ("device=gpu", "data=math"), ("device=gpu", "model=qwen2.5_math_1.5b")],
+    ids=["default", "gpu_math", "gpu_qwen"],
+)
+def test_verl_validate_config_passes(composer, overrides):
+    cfg, _ = resolve(composer(*overrides))
+    check_config(cfg)
+    _validate(cfg)
+
+
+@pytest.mark.filterwarnings("ignore:Disabled critic")
+def test_verl_validate_config_is_a_real_check(composer):
+    """Control: the same call rejects a batch that does not divide over 8 GPUs."""
+    cfg, _ = resolve(composer("device=gpu"))
+    cfg.data.train_batch_size = 1
+    cfg.actor_rollout_ref.rollout.n = 2
+    with pytest.raises(AssertionError, match="real_train_batch_size"):
+        _validate(cfg)
+
+
+# --------------------------------------------------------------------------------------
+# recipe.main.check_config
+# --------------------------------------------------------------------------------------
+def test_check_config_accepts_defaults(composer):
+    check_config(composer())
+    check_config(composer("device=gpu"))
+
+
+def test_check_config_vllm_on_cpu(composer):
+    cfg = composer()
+    cfg.actor_rollout_ref.rollout.name = "vllm"
+    with pytest.raises(ConfigError, match=r"actor_rollout_ref\.rollout\.name=vllm") as exc:
+        check_config(cfg)
+    assert "hf" in str(exc.value)
+
+
+def test_check_config_hf_on_gpu(composer):
+    cfg = composer("device=gpu")
+    cfg.actor_rollout_ref.rollout.name = "hf"
+    with pytest.raises(ConfigError, match=r"actor_rollout_ref\.rollout\.name=hf") as exc:
+        check_config(cfg)
+    assert "vllm" in str(exc.value)
+
+
+def test_check_config_grpo_needs_groups(composer):
+    cfg = composer()
+    cfg.actor_rollout_ref.rollout.n = 1
+    with pytest.raises(ConfigError) as exc:
+        check_config(cfg)
+    msg = str(exc.value)
+    assert "algorithm.adv_estimator=grpo" in msg and "actor_rollout_ref.rollout.n" in msg and "got 1" in msg
+
+
+# --------------------------------------------------------------------------------------
+# recipe.main.prepare_data
+# --------------------------------------------------------------------------------------
+def _data_cfg(composer, data_dir: Path) -> DictConfig:
+    cfg = composer()
+    cfg.paths.data = str(data_dir)
+    cfg, _ = resolve(cfg)
+    return cfg
+
+
+def test_prepare_data_builds_missing_gsm8k(composer, tmp_path):
+    data_dir = tmp_path / "data"
+    cfg = _data_cfg(composer, data_dir)
+    train, val = Path(cfg.data.train_files), Path(cfg.data.val_files)
+    assert train == data_dir / "gsm8k" / "train.parquet" and not train.exists()
+    prepare_data(cfg)
+    assert rd.validate_verl_parquet(train) == 7473
+    assert rd.validate_verl_parquet(val) == 1319
+    mtime = train.stat().st_mtime_ns
+    prepare_data(cfg)  # present: left alone
+    assert train.stat().st_mtime_ns == mtime
+
+
+def test_prepare_data_missing_file_outside_data_dir(composer, tmp_path):
+    cfg = _data_cfg(composer, tmp_path / "data")
+    outside = tmp_path / "elsewhere" / "gsm8k" / "train.parquet"
+    cfg.data.train_files = str(outside)
+    with pytest.raises(FileNotFoundError) as exc:
+        prepare_data(cfg)
+    assert "data.train_files" in str(exc.value) and str(outside.resolve()) in str(exc.value)
+    assert not outside.exists()
+
+
+def test_prepare_data_names_val_files_and_unknown_datasets(composer, tmp_path):
+    data_dir = tmp_path / "data"
+    cfg = _data_cfg(composer, data_dir)
+    cfg.data.train_files = str(data_dir / "no_such_dataset" / "train.parquet")
+    with pytest.raises(FileNotFoundError, match="data.train_files"):
+        prepare_data(cfg)
+
+    (tmp_path / "given.parquet").write_bytes(b"")
+    cfg.data.train_files = str(tmp_path / "given.parquet")  # exists: not checked further
+    cfg.data.val_files = [str(tmp_path / "missing_val.parquet")]
+    with pytest.raises(FileNotFoundError) as exc:
+        prepare_data(cfg)
+    assert "data.val_files" in str(exc.value) and "missing_val.parquet" in str(exc.value)
+
+
+def test_prepare_data_disabled(composer, tmp_path):
+    cfg = _data_cfg(composer, tmp_path / "data")
+    cfg.prepare.data = False
+    with pytest.raises(FileNotFoundError, match="data.train_files"):
+        prepare_data(cfg)
+    assert not (tmp_path / "data").exists()
+
+
+# --------------------------------------------------------------------------------------
+# recipe.trainer.reward_extra_metrics
+# --------------------------------------------------------------------------------------
+def test_reward_extra_metrics():
+    from recipe.trainer import reward_extra_metrics
+
+    fields = [
+        {"reward_extra_info": {"score": 1.0, "acc": True, "has_answer": 1, "pred": "42", "grader_timeout": False}},
+        {"reward_extra_info": {"score": 0.0, "acc": False, "has_answer": 0, "pred": "7"}},
+        {"reward_extra_info": {"score": 1.0, "acc": np.bool_(True), "has_answer": np.int64(1), "len": np.float32(3.5)}},
+        {"reward_extra_info": {"acc": None, "pred": None}},  # None is not a number: ignored
+        {"other": 1},  # no reward_extra_info at all
+        {"reward_extra_info": None},
+    ]
+    got = reward_extra_metrics(fields)
+    assert set(got) == {"reward/acc", "reward/has_answer", "reward/grader_timeout", "reward/len"}
+    assert got["reward/acc"] == pytest.approx(2 / 3)
+    assert got["reward/has_answer"] == pytest.approx(2 / 3)
+    assert got["reward/grader_timeout"] == 0.0  # one sample carries it
+    assert got["reward/len"] == 3.5
+    assert all(type(v) is float for v in got.values())
+
+    assert reward_extra_metrics(fields, prefix="x/").keys() == {
+        "x/acc", "x/has_answer", "x/grader_timeout", "x/len"
+    }
+    assert reward_extra_metrics([]) == {}
+    assert reward_extra_metrics([{"reward_extra_info": {"pred": "1", "score": 0.5}}]) == {}
