@@ -199,6 +199,11 @@ class HFGenerator:
         for i, ids in enumerate(prompts):
             input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[i, width - len(ids) :] = 1
+            if ids:
+                # Pad with a token the row already holds (masked out anyway): HF's repetition
+                # penalty counts every id in input_ids, and pad ids would penalise the pad
+                # token (an EOS for Qwen) in the padded rows only.
+                input_ids[i, : width - len(ids)] = ids[0]
 
         greedy = params["temperature"] <= 0
         recorder = _LogProbRecorder(params["temperature"])
@@ -279,7 +284,7 @@ class HFRolloutServer:
         torch.manual_seed(int(config.seed) + replica_rank)
 
         path = model_config.local_path
-        self.model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, attn_implementation="sdpa")
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
         self.model.eval()
         tokenizer = model_config.tokenizer
         eos_ids: list[int] = []
