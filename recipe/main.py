@@ -142,6 +142,20 @@ def check_config(cfg: DictConfig) -> None:
             f"trainer.device=cpu: actor_rollout_ref.rollout.name={rollout.name} needs a GPU; "
             "on CPU use actor_rollout_ref.rollout.name=hf (device=cpu sets it)"
         )
+    gf = cfg.get("group_filter") or {}
+    filter_on = bool(gf.get("drop_all_correct") or gf.get("drop_all_wrong") or gf.get("band") is not None)
+    if filter_on and rollout.n < 2:
+        raise ConfigError(
+            "group_filter (drop_all_correct / drop_all_wrong / band) needs groups of several responses: "
+            f"actor_rollout_ref.rollout.n={rollout.n}; set it >= 2 or turn the filter off"
+        )
+    sampler = cfg.trainer.v1.get("sampler", {})
+    custom = (sampler.get("custom_sampler") or {}).get("path")
+    if custom and (cfg.algorithm.get("filter_groups") or {}).get("enable", False):
+        raise ConfigError(
+            "algorithm.filter_groups.enable=true is verl's DAPO filter, which verl ignores with a custom sampler "
+            f"(trainer.v1.sampler.custom_sampler.path={custom}); use group_filter.mode=refill instead"
+        )
     if cfg.algorithm.adv_estimator == "grpo" and rollout.n < 2:
         raise ConfigError(
             "algorithm.adv_estimator=grpo needs groups: set actor_rollout_ref.rollout.n >= 2 "

@@ -10,6 +10,13 @@ verl's replay buffer and parameter-sync settings are the sync ones) and adds:
   function returns (``acc``, ``has_answer``, ``grader_timeout``, ...), next to verl's own
   ``critic/score/*`` (the reward). Validation already reports them as
   ``val-core/<data_source>/acc/mean@1`` etc.
+- Empty batches: when a group filter (:mod:`recipe.sampler`) leaves nothing to train on,
+  every stage of the step (balance, log-probs, values, advantages, updates, data metrics)
+  is skipped for that step, with a warning; weights, checkpoints and validation proceed.
+
+Importing this module also imports :mod:`recipe.algos`, registering this project's
+advantage estimators in the trainer process (policy losses are registered in the workers
+through ``actor_rollout_ref.model.external_lib: recipe.algos``).
 
 :class:`RecipeTaskRunner` is verl's ``TaskRunnerV1`` that imports this module first, so
 the registration happens in the Ray process that builds the trainer.
@@ -17,6 +24,8 @@ the registration happens in the Ray process that builds the trainer.
 
 from __future__ import annotations
 
+import functools
+import logging
 import numbers
 from collections import defaultdict
 
@@ -24,11 +33,26 @@ import numpy as np
 import ray
 from omegaconf import open_dict
 
+import recipe.algos  # noqa: F401  (registers advantage estimators and policy losses)
 from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 TRAINER_MODE = "recipe_sync"
+
+logger = logging.getLogger(__name__)
+
+#: Stages of verl's V1 step that are skipped when the sampled batch is empty.
+SKIP_WHEN_EMPTY = (
+    "_balance_batch",
+    "_compute_reward_colocate",
+    "_compute_old_log_prob",
+    "_compute_ref_log_prob",
+    "_compute_values",
+    "_compute_advantage",
+    "_update_critic",
+    "_update_actor",
+)
 
 
 def reward_extra_metrics(extra_fields: list, prefix: str = "reward/") -> dict[str, float]:
@@ -64,6 +88,10 @@ class RecipeTrainer(PPOTrainerSync):
         super().__init__(config)
 
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
+        if len(batch) == 0:
+            logger.warning("step %d: empty training batch, no update (see filter/* metrics)", global_steps)
+            metrics.update({"training/global_step": global_steps, "training/epoch": epoch})
+            return
         super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
         import transfer_queue as tq
 
@@ -73,6 +101,20 @@ class RecipeTrainer(PPOTrainerSync):
             keep = [i for i, tag in enumerate(batch.tags) if not tag.get("is_padding", False)]
             fields = extra.tolist()
             metrics.update(reward_extra_metrics([fields[i] for i in keep] if keep else fields))
+
+
+def _skip_when_empty(stage):
+    @functools.wraps(stage)
+    def guarded(self, batch, *args, **kwargs):
+        if len(batch) == 0:
+            return batch
+        return stage(self, batch, *args, **kwargs)
+
+    return guarded
+
+
+for _stage in SKIP_WHEN_EMPTY:
+    setattr(RecipeTrainer, _stage, _skip_when_empty(getattr(PPOTrainerSync, _stage)))
 
 
 if TRAINER_MODE not in TRAINER_REGISTRY:

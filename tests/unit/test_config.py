@@ -46,7 +46,14 @@ def _override(p: Path) -> list[str]:
     """``conf/<group>/<name>.yaml`` -> ``["<group>=<name>"]``; the primary config -> []."""
     if p.parent == CONF_DIR:
         return []
+    rel = p.relative_to(CONF_DIR).with_suffix("").as_posix()
+    if rel.startswith("experiment/"):  # presets are appended: +experiment=minimalist/<name>
+        return [f"+experiment={rel[len('experiment/'):]}"]
     return [f"{p.parent.relative_to(CONF_DIR).as_posix()}={p.stem}"]
+
+
+def _is_experiment(p: Path) -> bool:
+    return _rel(p).startswith("experiment/")
 
 
 def _flatten(node, prefix: str = "") -> dict:
@@ -137,9 +144,13 @@ def test_every_yaml_composes_and_resolves(composer, path):
         assert unresolved[key] == value, f"{_rel(path)}: {key} = {unresolved[key]!r}, the file says {value!r}"
 
     # the group choice is the one asked for, and names the experiment
-    if path.parent != CONF_DIR:
+    if _is_experiment(path):
+        assert choices["experiment"] == _override(path)[0].split("=", 1)[1]
+        # presets name their own experiment (checked with the file's values above)
+    elif path.parent != CONF_DIR:
         assert choices[path.parent.name] == path.stem
-    assert cfg.trainer.experiment_name == f"{choices['recipe']}_{choices['data']}_{choices['model']}"
+    if not _is_experiment(path):
+        assert cfg.trainer.experiment_name == f"{choices['recipe']}_{choices['data']}_{choices['model']}"
     assert cfg.trainer.default_local_dir.endswith(f"runs/{cfg.trainer.experiment_name}")
     assert choices["_run_dir"].startswith(f"{cfg.paths.runs}/{cfg.trainer.experiment_name}/hydra/")
     assert cfg.metrics_file == f"{cfg.trainer.default_local_dir}/metrics.jsonl"
@@ -294,6 +305,35 @@ def test_check_config_grpo_needs_groups(composer):
         check_config(cfg)
     msg = str(exc.value)
     assert "algorithm.adv_estimator=grpo" in msg and "actor_rollout_ref.rollout.n" in msg and "got 1" in msg
+
+
+def test_recipe_group_overrides_config_defaults(composer):
+    """A recipe's group_filter wins over conf/config.yaml's defaults (defaults-list order)."""
+    cfg, _ = resolve(composer("recipe=reinforce_rej"))
+    assert cfg.group_filter.drop_all_correct and cfg.group_filter.drop_all_wrong
+    assert cfg.trainer.v1.sampler.sampler_kwargs.group_filter.drop_all_wrong is True
+    assert cfg.algorithm.adv_estimator == "reinforce_rej"
+    assert cfg.reward.custom_reward_function.reward_kwargs.incorrect_reward == -1.0
+    cfg, _ = resolve(composer("recipe=ppo"))
+    assert cfg.algorithm.adv_estimator == "gae" and cfg.critic.enable and cfg.actor_rollout_ref.rollout.n == 1
+    assert cfg.critic.model.path == cfg.actor_rollout_ref.model.path
+
+
+def test_check_config_filter_needs_groups(composer):
+    cfg = composer("recipe=reinforce_rej")
+    cfg.actor_rollout_ref.rollout.n = 1
+    with pytest.raises(ConfigError) as exc:
+        check_config(cfg)
+    msg = str(exc.value)
+    assert "group_filter" in msg and "actor_rollout_ref.rollout.n=1" in msg
+
+
+def test_check_config_rejects_verl_dapo_with_custom_sampler(composer):
+    cfg = composer()
+    with open_dict(cfg):
+        cfg.algorithm.filter_groups = {"enable": True, "metric": "acc"}
+    with pytest.raises(ConfigError, match=r"algorithm\.filter_groups\.enable.*group_filter\.mode=refill"):
+        check_config(cfg)
 
 
 # --------------------------------------------------------------------------------------
