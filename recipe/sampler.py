@@ -39,6 +39,9 @@ from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 
 logger = logging.getLogger(__name__)
 
+#: Sample-tag flag: the batch holds only dropped groups; do not train on it.
+SKIP_UPDATE = "skip_update"
+
 
 class GroupFilterReplayBuffer(ReplayBuffer):
     """verl's sync replay buffer plus a group filter (drop or refill).
@@ -104,8 +107,9 @@ class GroupFilterReplayBuffer(ReplayBuffer):
         """Sample ``batch_size`` groups that pass the filter (fewer in drop mode / at the cap).
 
         Returns:
-            The batch (possibly empty: then the trainer skips the update) and the
-            ``filter/*`` metrics.
+            The batch and the ``filter/*`` metrics. When every group was dropped the batch
+            holds the dropped groups, each tag flagged ``SKIP_UPDATE``: the trainer skips
+            the update and verl frees them at the end of the step.
         """
         cfg = self.filter_cfg
         if partition_id == "val" or not cfg.enabled:
@@ -113,6 +117,7 @@ class GroupFilterReplayBuffer(ReplayBuffer):
 
         kept: list[str] = []
         decided: set[str] = set()
+        last_dropped: set[str] = set()  # the latest round's dropped groups, kept in TQ until the end
         totals = {"dropped_all_correct": 0, "dropped_all_wrong": 0, "dropped_band": 0}
         rounds, gave_up = 1, False
         while True:
@@ -124,11 +129,13 @@ class GroupFilterReplayBuffer(ReplayBuffer):
                 group_acc = {u: sum(v) / len(v) for u, v in per_group.items() if v}
                 ordered = sorted(group_acc, key=lambda u: self.prompt_global_steps[partition_id].get(u, 0))
                 decision = decide_groups({u: group_acc[u] for u in ordered}, cfg)
-                dropped = set(decision.dropped_all_correct) | set(decision.dropped_all_wrong) | set(decision.dropped_band)
                 totals["dropped_all_correct"] += len(decision.dropped_all_correct)
                 totals["dropped_all_wrong"] += len(decision.dropped_all_wrong)
                 totals["dropped_band"] += len(decision.dropped_band)
-                self._clear_groups(partition_id, dropped | (new - set(group_acc)))
+                self._clear_groups(partition_id, last_dropped | (new - set(group_acc)))
+                last_dropped = set(decision.dropped_all_correct) | set(decision.dropped_all_wrong) | set(
+                    decision.dropped_band
+                )
                 kept.extend(decision.kept)
                 decided |= new
             if len(kept) >= batch_size or cfg.mode == "drop":
@@ -150,16 +157,23 @@ class GroupFilterReplayBuffer(ReplayBuffer):
         selected, surplus = kept[:batch_size], kept[batch_size:]
         if surplus:
             self._clear_groups(partition_id, set(surplus))
+        if selected and last_dropped:
+            self._clear_groups(partition_id, last_dropped)
         self._sync_metadata_from_transfer_queue()
         metrics = {"filter/kept_groups": len(selected), "filter/gen_rounds": rounds}
         metrics.update({f"filter/{k}": v for k, v in totals.items()})
         metrics["filter/discarded_surplus"] = len(surplus)
         metrics["filter/gave_up"] = int(gave_up)
         metrics["filter/skipped_update"] = int(not selected)
+        snapshot = dict(self.partitions[partition_id])
         if not selected:
+            # Hand the dropped groups over marked `skip_update`: the trainer skips every stage
+            # of the step for them, and verl's end-of-step cleanup frees them from TransferQueue.
             logger.warning(
                 "group_filter dropped every group of step %d (%s); skipping the update", global_steps, totals
             )
-            return KVBatchMeta(partition_id=partition_id, keys=[], tags=[]), metrics
-        snapshot = dict(self.partitions[partition_id])
+            batch = self._materialize_batch(partition_id, sorted(last_dropped), snapshot)
+            for tag in batch.tags:  # tags (unlike extra_info) survive verl's re-batching in step()
+                tag[SKIP_UPDATE] = True
+            return batch, metrics
         return self._materialize_batch(partition_id, selected, snapshot), metrics

@@ -34,6 +34,7 @@ import ray
 from omegaconf import open_dict
 
 import recipe.algos  # noqa: F401  (registers advantage estimators and policy losses)
+from recipe.sampler import SKIP_UPDATE
 from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
@@ -88,8 +89,8 @@ class RecipeTrainer(PPOTrainerSync):
         super().__init__(config)
 
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
-        if len(batch) == 0:
-            logger.warning("step %d: empty training batch, no update (see filter/* metrics)", global_steps)
+        if skip_update(batch):
+            logger.warning("step %d: no group left to train on, no update (see filter/* metrics)", global_steps)
             metrics.update({"training/global_step": global_steps, "training/epoch": epoch})
             return
         super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
@@ -103,10 +104,15 @@ class RecipeTrainer(PPOTrainerSync):
             metrics.update(reward_extra_metrics([fields[i] for i in keep] if keep else fields))
 
 
+def skip_update(batch) -> bool:
+    """True for a batch the group filter emptied (:data:`recipe.sampler.SKIP_UPDATE`)."""
+    return len(batch) == 0 or all(tag.get(SKIP_UPDATE, False) for tag in batch.tags)
+
+
 def _skip_when_empty(stage):
     @functools.wraps(stage)
     def guarded(self, batch, *args, **kwargs):
-        if len(batch) == 0:
+        if skip_update(batch):
             return batch
         return stage(self, batch, *args, **kwargs)
 

@@ -13,7 +13,8 @@ Always applied (cheap, harmless on GPU):
 Applied only in CPU mode (``VERL_PLATFORM=cpu``, set by ``device=cpu`` / ``run.sh``):
     - ``platform``: a ``cpu`` platform in verl's platform registry;
     - ``distributed``: ``gloo`` process groups;
-    - ``fsdp``: FSDP engine lookup and unpinned CPU offload.
+    - ``fsdp``: FSDP engine lookup and unpinned CPU offload;
+    - ``valuehead``: the PPO critic's value-head model loads with SDPA attention.
 
 Every patch checks that the installed verl is exactly :data:`VERL_VERSION`.
 """
@@ -80,11 +81,12 @@ def apply(cpu: bool | None = None) -> dict:
     tracking.apply()
     _STATUS["rollout"] = True
     if cpu if cpu is not None else cpu_mode():
-        from . import distributed, fsdp, platform
+        from . import distributed, fsdp, platform, valuehead
 
         platform.apply()
         distributed.apply()
         fsdp.apply()
+        valuehead.apply()
         _STATUS["cpu"] = True
     _STATUS["error"] = None
     return status()

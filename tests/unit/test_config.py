@@ -255,13 +255,35 @@ def _validate(cfg: DictConfig) -> None:
 @pytest.mark.filterwarnings("ignore:Disabled critic")
 @pytest.mark.parametrize(
     "overrides",
-    [(), ("device=gpu", "data=math"), ("device=gpu", "model=qwen2.5_math_1.5b")],
-    ids=["default", "gpu_math", "gpu_qwen"],
+    [(), ("device=gpu", "data=math"), ("device=gpu", "model=qwen2.5_math_1.5b"),
+     *[(f"recipe={r}",) for r in ("raft", "raft_pp", "reinforce", "reinforce_rej", "ppo")],
+     ("recipe=ppo", "device=gpu")],
+    ids=["default", "gpu_math", "gpu_qwen", "raft", "raft_pp", "reinforce", "reinforce_rej", "ppo", "ppo_gpu"],
 )
-def test_verl_validate_config_passes(composer, overrides):
+def test_verl_validate_config_passes(composer, overrides, tmp_path_factory):
+    """verl's own checks, which also build the actor (and critic) config dataclasses."""
+    from verl.utils.config import omega_conf_to_dataclass
+
+    if "recipe=ppo" in overrides:  # the critic's config loads its model: give it a real one
+        from recipe.models import build_tiny_model
+
+        model = build_tiny_model(tmp_path_factory.mktemp("m") / "tiny", vocab_size=512, max_train_rows=100)
+        overrides = (*overrides, f"actor_rollout_ref.model.path={model}")
     cfg, _ = resolve(composer(*overrides))
     check_config(cfg)
     _validate(cfg)
+    # every worker config instantiates (unknown keys would fail here, not in a Ray worker)
+    omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)
+    if cfg.critic.get("enable"):
+        # the critic's dataclass loads its model from disk: check its keys and engine config instead
+        import dataclasses
+
+        from hydra.utils import get_class
+
+        fields = {f.name for f in dataclasses.fields(get_class(cfg.critic._target_))}
+        assert set(cfg.critic.keys()) - {"_target_"} <= fields, set(cfg.critic.keys()) - fields
+        omega_conf_to_dataclass(cfg.critic.fsdp)
 
 
 @pytest.mark.filterwarnings("ignore:Disabled critic")

@@ -274,6 +274,15 @@ t = torch.ones(2)
 dist.all_reduce(t)
 out["all_reduce"] = t.tolist()
 dist.destroy_process_group()
+import tempfile
+from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
+import verl.utils.model as vum
+tmp = tempfile.mkdtemp()
+Qwen2ForCausalLM(Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, vocab_size=64)).save_pretrained(tmp)
+vcfg = AutoConfig.from_pretrained(tmp, num_labels=1)
+vm = vum.load_valuehead_model(tmp, torch.float32, vcfg, False)
+out["valuehead"] = [type(vm).__name__, vm.config._attn_implementation, vm.config.num_labels]
 print(json.dumps(out))
 """
 
@@ -293,6 +302,8 @@ def test_cpu_mode_effects_in_fresh_process(fresh_processes):
     assert out["engine_sees_patch"] is True
     assert out["pg_initialized"] is True and out["pg_backend"] == "gloo" and out["world"] == 1
     assert out["all_reduce"] == [1.0, 1.0]
+    # the PPO critic's value-head model loads with SDPA (verl hard-codes flash_attention_2)
+    assert out["valuehead"] == ["Qwen2ForTokenClassification", "sdpa", 1]
 
 
 _DEFAULT_MODE_SCRIPT = r"""
