@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -398,3 +399,16 @@ def test_verl_compute_advantage_dispatches_to_registered_estimator():
     out = compute_advantage(data, adv_estimator="reinforce_rej", config=cfg)
     grpo, _ = compute_grpo_outcome_advantage(tlr.clone(), mask, index)
     torch.testing.assert_close(out.batch["advantages"], grpo)
+
+
+def test_grpo_recipe_is_verls_own_estimator():
+    """recipe=grpo must be stock verl: importing recipe.algos leaves verl's 'grpo' untouched."""
+    from omegaconf import OmegaConf
+
+    import recipe.algos  # noqa: F401
+    from verl.trainer.ppo import core_algos
+
+    assert core_algos.get_adv_estimator_fn("grpo") is core_algos.compute_grpo_outcome_advantage
+    grpo_yaml = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "recipe" / "grpo.yaml")
+    assert grpo_yaml.algorithm.adv_estimator == "grpo"
+    assert grpo_yaml.actor_rollout_ref.actor.get("policy_loss") is None  # verl's default loss (vanilla)
