@@ -20,14 +20,9 @@ from recipe import models
 from verl_patches import hf_rollout as hr
 from verl_patches.hf_rollout import HFGenerator, normalize_sampling_params
 
-SHARED = models.shared_dir()
-GSM8K_TRAIN = SHARED / "data" / "gsm8k" / "train.jsonl"
-QWEN_TOK = SHARED / "tokenizers" / "qwen2.5"
+from tests.paths import GSM8K_TRAIN, QWEN_TOK, require
 
-pytestmark = pytest.mark.skipif(
-    not (GSM8K_TRAIN.is_file() and (QWEN_TOK / "tokenizer.json").is_file()),
-    reason=f"shared data/tokenizer not found under {SHARED}",
-)
+require(GSM8K_TRAIN, QWEN_TOK / "tokenizer.json")
 
 VOCAB = 512
 ROWS = 300

@@ -191,7 +191,6 @@ def test_compute_score_async_and_run_in_executor():
 
 def test_verl_loader_and_metric_aggregation():
     """Load the function as verl does and aggregate its outputs with verl's own code."""
-    pytest.importorskip("verl")
     from omegaconf import OmegaConf
     from verl.trainer.ppo.metric_utils import process_validation_metrics
     from verl.trainer.ppo.reward import get_custom_reward_fn

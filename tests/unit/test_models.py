@@ -11,14 +11,9 @@ import pytest
 
 from recipe import models
 
-SHARED = models.shared_dir()
-GSM8K_TRAIN = SHARED / "data" / "gsm8k" / "train.jsonl"
-QWEN_TOK = SHARED / "tokenizers" / "qwen2.5"
+from tests.paths import GSM8K_TRAIN, QWEN_TOK, SHARED, require
 
-pytestmark = pytest.mark.skipif(
-    not (GSM8K_TRAIN.is_file() and (QWEN_TOK / "tokenizer.json").is_file()),
-    reason=f"shared data/tokenizer not found under {SHARED}",
-)
+require(GSM8K_TRAIN, QWEN_TOK / "tokenizer.json")
 
 VOCAB = 1024
 ROWS = 300
