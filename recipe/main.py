@@ -40,8 +40,7 @@ def _files(value) -> list[str]:
 
 def setup_paths(cfg: DictConfig) -> None:
     """Make ``paths.*`` absolute and export the shared-data location for subprocesses."""
-    for key in ("artifacts",):
-        cfg.paths[key] = _abs(cfg.paths[key])
+    cfg.paths.artifacts = _abs(cfg.paths.artifacts)
     if cfg.paths.get("shared"):
         os.environ["RECIPE_SHARED_DIR"] = _abs(cfg.paths.shared)
 

@@ -34,7 +34,7 @@ import time
 import transfer_queue as tq
 from transfer_queue import KVBatchMeta
 
-from recipe.algos.filters import GroupFilterConfig, decide_groups
+from recipe.algos.filters import GroupFilterConfig, decide_groups, group_accuracy
 from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 
 logger = logging.getLogger(__name__)
@@ -76,14 +76,16 @@ class GroupFilterReplayBuffer(ReplayBuffer):
         self.refill_unit = opts.get("gen_batch_size")
 
     # ------------------------------------------------------------------------------
-    def _group_correctness(self, partition_id: str, uids: set[str]) -> dict[str, list[float]]:
-        """Per-uid list of the filter metric (``reward_extra_info[metric]``) of its responses."""
+    def _group_accuracy(self, partition_id: str, uids: set[str]) -> dict[str, float]:
+        """uid -> mean of the filter metric (``reward_extra_info[metric]``) over the group's
+        responses, for the groups of ``uids`` that have trajectories (via
+        :func:`recipe.algos.filters.group_accuracy`)."""
         keys = [k for k in self.partitions[partition_id] if k.split("_")[0] in uids]
-        values: dict[str, list[float]] = {u: [] for u in uids}
         if not keys:
-            return values
+            return {}
         data = tq.kv_batch_get(keys=keys, partition_id=partition_id, select_fields=["extra_fields"])
-        for key, extra in zip(keys, list(data["extra_fields"]), strict=True):
+        correct = []
+        for extra in list(data["extra_fields"]):
             extra = getattr(extra, "data", extra)
             info = extra.get("reward_extra_info", {}) if isinstance(extra, dict) else {}
             if self.filter_cfg.metric not in info:
@@ -91,8 +93,8 @@ class GroupFilterReplayBuffer(ReplayBuffer):
                     f"group_filter.metric={self.filter_cfg.metric!r} is not among the reward function's outputs "
                     f"{sorted(info)}; set group_filter.metric to one of them"
                 )
-            values[key.split("_")[0]].append(float(info[self.filter_cfg.metric]))
-        return values
+            correct.append(float(info[self.filter_cfg.metric]))
+        return group_accuracy([k.split("_")[0] for k in keys], correct)
 
     def _wait_until_idle(self, partition_id: str) -> None:
         """Poll TransferQueue until no prompt of ``partition_id`` is pending or running."""
@@ -125,10 +127,9 @@ class GroupFilterReplayBuffer(ReplayBuffer):
             terminal = self.finished_keys[partition_id] | self.failure_keys[partition_id]
             new = terminal - decided
             if new:
-                per_group = self._group_correctness(partition_id, new)
-                group_acc = {u: sum(v) / len(v) for u, v in per_group.items() if v}
-                ordered = sorted(group_acc, key=lambda u: self.prompt_global_steps[partition_id].get(u, 0))
-                decision = decide_groups({u: group_acc[u] for u in ordered}, cfg)
+                group_acc = self._group_accuracy(partition_id, new)
+                steps = self.prompt_global_steps[partition_id]
+                decision = decide_groups(dict(sorted(group_acc.items(), key=lambda kv: steps.get(kv[0], 0))), cfg)
                 totals["dropped_all_correct"] += len(decision.dropped_all_correct)
                 totals["dropped_all_wrong"] += len(decision.dropped_all_wrong)
                 totals["dropped_band"] += len(decision.dropped_band)
@@ -159,7 +160,7 @@ class GroupFilterReplayBuffer(ReplayBuffer):
             self._clear_groups(partition_id, set(surplus))
         if selected and last_dropped:
             self._clear_groups(partition_id, last_dropped)
-        self._sync_metadata_from_transfer_queue()
+        # no re-sync needed: nothing is in flight and _clear_groups keeps self.partitions current
         metrics = {"filter/kept_groups": len(selected), "filter/gen_rounds": rounds}
         metrics.update({f"filter/{k}": v for k, v in totals.items()})
         metrics["filter/discarded_surplus"] = len(surplus)
