@@ -10,6 +10,7 @@ then runs verl's own V1 trainer (``verl.trainer.main_ppo.run_ppo`` with verl's
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -162,6 +163,56 @@ def check_config(cfg: DictConfig) -> None:
         )
 
 
+def configure_replay(cfg: DictConfig) -> None:
+    """Settings rollout replay needs from verl (``replay.enable``), each named on failure.
+
+    - ``data.gen_batch_size``: the fresh prompts of a step (``round(delta * B)``) and a full
+      batch (``B``) are fetched in whole ``gen_batch_size`` chunks; null becomes their gcd.
+    - ``replay.correction=decoupled`` runs through verl's ``algorithm.rollout_correction``
+      (token-level IS weight pi_old / mu times PPO-clip): ``rollout_is`` becomes ``token``
+      and ``rollout_is_threshold`` the truncation (``inf`` for none),
+      unless ``rollout_is`` was set explicitly; it needs
+      ``actor_rollout_ref.rollout.calculate_log_probs=true``.
+
+    Raises:
+        ConfigError: on an incompatible setting.
+    """
+    rp = cfg.get("replay") or {}
+    if not rp.get("enable", False):
+        return
+    from recipe.algos.replay import ReplayConfig, fresh_count
+
+    try:
+        rcfg = ReplayConfig.from_config(rp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    batch = int(cfg.data.train_batch_size)
+    n_fresh = fresh_count(rcfg.fresh_fraction, batch)
+    gen = cfg.data.get("gen_batch_size", None)
+    with open_dict(cfg):
+        if gen is None:
+            cfg.data.gen_batch_size = math.gcd(batch, n_fresh)
+        elif n_fresh % int(gen) or batch % int(gen):
+            raise ConfigError(
+                f"replay.fresh_fraction={rcfg.fresh_fraction} gives {n_fresh} fresh prompts of "
+                f"data.train_batch_size={batch}; data.gen_batch_size={gen} must divide both (null: automatic)"
+            )
+        if rcfg.correction == "decoupled":
+            rc = cfg.algorithm.rollout_correction
+            if not cfg.actor_rollout_ref.rollout.get("calculate_log_probs", False):
+                raise ConfigError(
+                    "replay.correction=decoupled needs the rollout's log-probs: "
+                    "set actor_rollout_ref.rollout.calculate_log_probs=true"
+                )
+            if rc.get("bypass_mode", False):
+                raise ConfigError(
+                    "replay.correction=decoupled recomputes pi_old: algorithm.rollout_correction.bypass_mode must be false"
+                )
+            if rc.get("rollout_is") is None:
+                rc.rollout_is = "token"
+                rc.rollout_is_threshold = float(rcfg.truncation) if rcfg.truncation else float("inf")
+
+
 def setup_metrics_file(cfg: DictConfig) -> str:
     """Point verl's ``file`` logger at ``metrics_file`` (appended to on resume)."""
     path = _abs(cfg.metrics_file)
@@ -175,6 +226,7 @@ def run(cfg: DictConfig) -> None:
     """Prepare, patch and run verl's V1 PPO trainer with ``cfg``."""
     setup_paths(cfg)
     check_config(cfg)
+    configure_replay(cfg)
     prepare_data(cfg)
     prepare_model(cfg)
     setup_device(cfg)

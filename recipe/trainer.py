@@ -10,9 +10,21 @@ verl's replay buffer and parameter-sync settings are the sync ones) and adds:
   function returns (``acc``, ``has_answer``, ``grader_timeout``, ...), next to verl's own
   ``critic/score/*`` (the reward). Validation already reports them as
   ``val-core/<data_source>/acc/mean@1`` etc.
+  They are averaged over the step's fresh rollouts (replayed groups left out), as is
+  ``dots/effective_ratio`` (share of fresh groups with 0 < accuracy < 1, logged for every
+  run so that DOTS can be compared with its baseline).
 - Empty batches: when a group filter (:mod:`recipe.sampler`) leaves nothing to train on,
   every stage of the step (balance, log-probs, values, advantages, updates, data metrics)
   is skipped for that step, with a warning; weights, checkpoints and validation proceed.
+- Rollout replay (:mod:`recipe.rollout_replay`, ``replay.enable``): ``prepare_step``
+  generates only the fresh share of the batch; the old-log-prob, advantage and actor-update
+  stages call the sampler's replay hooks (off-policy correction, stored advantages, adding
+  the fresh groups to the buffer).
+- DOTS (:mod:`recipe.selection`, ``dots.enable``): ``prepare_step`` runs a reference round
+  every ``dots.every`` steps and ``_fetch_one_gen_batch`` serves the selected questions
+  instead of verl's dataloader.
+- State: ``global_step_N/recipe_state.pt`` (replay buffer, DOTS selector) is written with
+  verl's checkpoints and restored on resume.
 
 Importing this module also imports :mod:`recipe.algos`, registering this project's
 advantage estimators in the trainer process (policy losses are registered in the workers
@@ -27,19 +39,25 @@ from __future__ import annotations
 import functools
 import logging
 import numbers
+import os
 from collections import defaultdict
 
 import numpy as np
 import ray
+import torch
 from omegaconf import open_dict
 
 import recipe.algos  # noqa: F401  (registers advantage estimators and policy losses)
+from recipe.rollout_replay import REPLAYED
 from recipe.sampler import SKIP_UPDATE
+from recipe.selection import DotsConfig, DotsStage
 from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 TRAINER_MODE = "recipe_sync"
+#: Per-checkpoint state of this project's stateful pieces (in ``global_step_N/``).
+STATE_FILE = "recipe_state.pt"
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +105,55 @@ class RecipeTrainer(PPOTrainerSync):
         with open_dict(config):
             config.trainer.v1.trainer_mode = "sync"
         super().__init__(config)
+        dots_cfg = DotsConfig.from_config(config.get("dots"))
+        self.dots = DotsStage(dots_cfg, config) if dots_cfg.enable else None
+        self._pending_state: dict | None = None
+
+    # ------------------------------------------------------------------ prompts
+    @property
+    def _replay(self):
+        """The sampler when it does rollout replay (:mod:`recipe.rollout_replay`), else None."""
+        sampler = getattr(self, "replay_buffer", None)
+        return sampler if getattr(sampler, "enabled", False) else None
+
+    def prepare_step(self) -> dict:
+        """Submit this step's fresh prompts: ``B``, or ``round(delta * B)`` once rollout replay
+        has enough groups; with DOTS, run a reference round first when one is due."""
+        metrics: dict = {}
+        batch_size = self.config.data.train_batch_size
+        n_fresh = self._replay.plan_step(batch_size) if self._replay else batch_size
+        if self.dots is not None:
+            metrics.update(self.dots.maybe_round(self, self.global_steps))
+        self._add_prompts_to_generate(n_fresh)
+        if self.dots is not None:
+            metrics.update(self.dots.step_metrics())
+        return metrics
+
+    def _fetch_one_gen_batch(self):
+        """With DOTS, the next ``gen_batch_size`` prompts are the selected questions."""
+        if self.dots is None:
+            return super()._fetch_one_gen_batch()
+        size = self.config.data.get("gen_batch_size", None) or self.config.data.train_batch_size
+        return self.dots.next_batch(self, size)
+
+    # ------------------------------------------------------------------ stages
+    def _compute_old_log_prob(self, batch, metrics):
+        batch = super()._compute_old_log_prob(batch, metrics)
+        if self._replay:
+            metrics.update(self._replay.after_old_log_prob(batch))
+        return batch
+
+    def _compute_advantage(self, batch, metrics):
+        batch = super()._compute_advantage(batch, metrics)
+        if self._replay:
+            self._replay.after_advantage(batch)
+        return batch
+
+    def _update_actor(self, batch, metrics):
+        batch = super()._update_actor(batch, metrics)
+        if self._replay:
+            metrics.update(self._replay.store_fresh(batch, self.global_steps))
+        return batch
 
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         if skip_update(batch):
@@ -99,9 +166,74 @@ class RecipeTrainer(PPOTrainerSync):
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["extra_fields"])
         extra = data.pop("extra_fields", None)
         if extra is not None:
-            keep = [i for i, tag in enumerate(batch.tags) if not tag.get("is_padding", False)]
+            # fresh rollouts only: padding copies and replayed groups are left out
+            fresh = [i for i, tag in enumerate(batch.tags) if not tag.get("is_padding", False)
+                     and not tag.get(REPLAYED, False)]
             fields = extra.tolist()
-            metrics.update(reward_extra_metrics([fields[i] for i in keep] if keep else fields))
+            fields = [fields[i] for i in fresh]
+            metrics.update(reward_extra_metrics(fields))
+            ratio = effective_ratio([batch.keys[i].split("_")[0] for i in fresh], fields)
+            if ratio is not None:
+                metrics["dots/effective_ratio"] = ratio
+
+    # ------------------------------------------------------------------ state
+    def _state_path(self, global_steps: int) -> str:
+        return os.path.join(self.config.trainer.default_local_dir, f"global_step_{global_steps}", STATE_FILE)
+
+    def _save_checkpoint(self):
+        """verl's checkpoint plus ``recipe_state.pt`` (replay buffer, DOTS state), written
+        first so that verl's ``latest_checkpointed_iteration.txt`` never points at a step
+        without it."""
+        path = self._state_path(self.global_steps)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        state = {
+            "global_steps": self.global_steps,
+            "replay": self._replay.state_dict() if self._replay else {},
+            "dots": self.dots.state_dict() if self.dots is not None else {},
+        }
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        super()._save_checkpoint()
+
+    def _load_checkpoint(self):
+        super()._load_checkpoint()
+        if self.global_steps <= 0:
+            return
+        folder = self.config.trainer.resume_from_path if self.config.trainer.resume_mode == "resume_path" else None
+        path = os.path.join(folder, STATE_FILE) if folder else self._state_path(self.global_steps)
+        if not os.path.exists(path):
+            if self._replay or self.dots is not None:
+                logger.warning("resuming at step %d without %s: replay buffer / DOTS state start empty",
+                               self.global_steps, path)
+            return
+        state = torch.load(path, weights_only=False)
+        if self._replay:
+            self._replay.load_state_dict(state.get("replay") or {})
+            print(f"[recipe] restored replay buffer: {len(self._replay.buffer)} groups "
+                  f"(fingerprint {self._replay.fingerprint()}) from {path}", flush=True)
+        if self.dots is not None:
+            self.dots.load_state_dict(state.get("dots") or {})
+
+
+def effective_ratio(uids: list[str], fields: list) -> float | None:
+    """Share of the groups (one ``uid`` each) whose accuracy lies strictly in (0, 1): the
+    prompts that carry a GRPO gradient (DOTS paper's "effective" questions).
+
+    Args:
+        uids: ``[B]`` group id per fresh sample.
+        fields: ``[B]`` verl ``extra_fields`` dicts with ``reward_extra_info["acc"]``.
+
+    Returns:
+        The share in [0, 1], or None when no sample carries ``acc``.
+    """
+    accs: dict[str, list[float]] = defaultdict(list)
+    for uid, field in zip(uids, fields, strict=True):
+        info = field.get("reward_extra_info", {}) if isinstance(field, dict) else {}
+        if info and "acc" in info:
+            accs[uid].append(float(info["acc"]))
+    if not accs:
+        return None
+    return float(np.mean([0.0 < np.mean(v) < 1.0 for v in accs.values()]))
 
 
 def skip_update(batch) -> bool:
@@ -120,7 +252,7 @@ def _skip_when_empty(stage):
 
 
 for _stage in SKIP_WHEN_EMPTY:
-    setattr(RecipeTrainer, _stage, _skip_when_empty(getattr(PPOTrainerSync, _stage)))
+    setattr(RecipeTrainer, _stage, _skip_when_empty(getattr(RecipeTrainer, _stage)))
 
 
 if TRAINER_MODE not in TRAINER_REGISTRY:

@@ -30,10 +30,10 @@ DEFAULT_CHOICES = {"data": "gsm8k", "model": "tiny", "recipe": "grpo", "device":
 def _context(p: Path) -> list[str]:
     """Overrides a group file is composed with: data files and GPU-only models on device=gpu.
 
-    device=cpu (the default) deliberately resizes data.* for the CPU, and the hub models
-    are marked "GPU only" in their headers.
+    device=cpu (the default) deliberately resizes data.* (and DOTS reference rounds) for the
+    CPU, and the hub models are marked "GPU only" in their headers.
     """
-    if p.parent.name == "data" or (p.parent.name == "model" and "GPU only" in p.read_text()):
+    if p.parent == CONF_DIR or p.parent.name == "data" or (p.parent.name == "model" and "GPU only" in p.read_text()):
         return ["device=gpu"]
     return []
 

@@ -1,0 +1,421 @@
+"""Rollout replay (DOTS + RR, arXiv 2506.05316, docs/PAPERS.md §2); pure, no Ray.
+
+Each step trains on ``n_fresh = round(delta * B)`` freshly generated prompt groups plus
+``B - n_fresh`` groups replayed uniformly from a FIFO buffer of the last C stored groups. Only
+groups with mean correctness strictly in (0, 1) are stored (the others carry no GRPO signal),
+together with their responses, advantages and behaviour-policy log-probs mu (the payload).
+Public code (ASTRAL-Group/data-efficient-llm-rl): keeps the latest group of a question, samples
+uniformly, never removes a replayed group (FIFO eviction only), first round all fresh.
+
+Replayed responses come from an older policy mu, so the PPO-clip loss needs a correction:
+
+* ``plain`` (paper): PPO-clip with ratio pi_theta / mu, i.e. verl's ``vanilla`` loss with
+  ``old_log_prob`` := log mu on replayed rows (:func:`plain_old_log_prob`);
+* ``decoupled`` (public code): w * PPO-clip(pi_theta / pi_old), w = pi_old / mu, i.e. verl's
+  ``vanilla`` loss with ``rollout_is_weights`` := w (:func:`behaviour_weights`);
+* ``none``: replayed rows are treated as fresh (ratio pi_theta / pi_old, no weight).
+
+Log-probs are in nats, token-level tensors are ``[B, T]`` (B = prompts x n), masks 1 = keep.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ReplayConfig", "ReplayGroup", "RolloutReplayBuffer", "fresh_count", "behaviour_weights", "plain_old_log_prob",
+    "plain_clip_loss", "decoupled_clip_loss",
+]
+
+CORRECTIONS = ("plain", "decoupled", "none")
+#: Log-ratio clamp before exp, as verl's ``rollout_corr_helper.SAFETY_BOUND`` (exp(20) ~ 4.9e8).
+LOG_RATIO_BOUND = 20.0
+#: Config keys whose change makes a saved buffer invalid (checked by ``load_state_dict``).
+_STATE_KEYS = ("capacity", "store_only_mixed", "dedup_by_prompt", "metric", "seed")
+_TOL = 1e-6  # a mean correctness within 1e-6 of 0 or 1 counts as all wrong / all correct
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
+        and math.isfinite(v)
+
+
+@dataclass
+class ReplayConfig:
+    """The ``replay`` config group (DOTS + RR rollout replay).
+
+    Attributes:
+        enable: replay at all; False = every step all fresh (plain GRPO).
+        capacity: C, buffer size in groups (paper: 256 or 512); the oldest group is evicted.
+        fresh_fraction: delta in (0, 1], fraction of the B groups of a step generated fresh (0.5).
+        store_only_mixed: store only groups with 0 < mean correctness < 1 (paper).
+        dedup_by_prompt: a new group of a stored prompt replaces the old one (public code).
+        correction: off-policy correction of replayed rows: "plain" (paper), "decoupled"
+            (public code) or "none".
+        truncation: c >= 1 caps the behaviour weight pi_old / mu (None = no cap, as paper/code).
+        reuse_advantages: replayed groups keep the advantages stored with them (paper) instead of
+            recomputed ones (identical for group-relative estimators such as GRPO).
+        seed: seed of the sampling generator.
+        metric: ``reward_extra_info`` key with per-response correctness in [0, 1].
+    """
+
+    enable: bool = False
+    capacity: int = 256
+    fresh_fraction: float = 0.5
+    store_only_mixed: bool = True
+    dedup_by_prompt: bool = True
+    correction: str = "decoupled"
+    truncation: float | None = None
+    reuse_advantages: bool = True
+    seed: int = 0
+    metric: str = "acc"
+
+    def __post_init__(self) -> None:
+        for key in ("enable", "store_only_mixed", "dedup_by_prompt", "reuse_advantages"):
+            if not isinstance(getattr(self, key), (bool, np.bool_)):
+                raise ValueError(f"replay.{key} must be true or false, got {getattr(self, key)!r}")
+            setattr(self, key, bool(getattr(self, key)))
+        if not _is_int(self.capacity) or self.capacity <= 0:
+            raise ValueError(f"replay.capacity must be an integer > 0, got {self.capacity!r}")
+        if not _is_real(self.fresh_fraction) or not 0.0 < self.fresh_fraction <= 1.0:
+            raise ValueError(f"replay.fresh_fraction must lie in (0, 1], got {self.fresh_fraction!r}")
+        if self.correction not in CORRECTIONS:
+            raise ValueError(f"replay.correction must be one of {CORRECTIONS}, got {self.correction!r}")
+        if self.truncation is not None and (not _is_real(self.truncation) or self.truncation < 1.0):
+            raise ValueError(f"replay.truncation must be null or a number >= 1, got {self.truncation!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"replay.seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ValueError(f"replay.metric must be a non-empty string, got {self.metric!r}")
+        self.capacity, self.seed, self.fresh_fraction = int(self.capacity), int(self.seed), float(self.fresh_fraction)
+        self.truncation = None if self.truncation is None else float(self.truncation)
+
+    @classmethod
+    def from_config(cls, node: Mapping[str, Any] | ReplayConfig | None) -> ReplayConfig:
+        """Build from a dict, an omegaconf DictConfig or None (defaults).
+
+        Raises:
+            ValueError: unknown keys (all named) or a bad value; messages name ``replay.<key>``.
+        """
+        if node is None:
+            return cls()
+        if isinstance(node, cls):
+            return node
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(node, DictConfig):
+            node = OmegaConf.to_container(node, resolve=True)
+        if not isinstance(node, Mapping):
+            raise ValueError(f"replay must be a mapping or null, got {type(node).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in node if k not in known)
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join('replay.' + k for k in unknown)}; known: {sorted(known)}")
+        return cls(**node)
+
+
+def fresh_count(fresh_fraction: float, batch_groups: int) -> int:
+    """Fresh groups of a B-group step once replay is running: max(1, floor(delta * B + 0.5))
+    (half rounds up), at most B."""
+    return min(batch_groups, max(1, math.floor(fresh_fraction * batch_groups + 0.5)))
+
+
+@dataclass
+class ReplayGroup:
+    """One prompt's group of n responses, as stored in the buffer.
+
+    Attributes:
+        prompt_key: the prompt's identity for deduplication (e.g. its data index).
+        uid: verl's group id at generation time.
+        step: training step at which the group was generated (and added).
+        mean_reward: mean correctness of the n responses, in [0, 1].
+        payload: opaque (the trainer's per-response tensors); never compared or inspected.
+    """
+
+    prompt_key: str
+    uid: str
+    step: int
+    mean_reward: float
+    payload: Any = field(default=None, compare=False, repr=False)
+
+
+class RolloutReplayBuffer:
+    """FIFO buffer of whole groups with uniform, seeded sampling (DOTS + RR, PAPERS.md §2).
+
+    Groups are kept in insertion order as ``(insertion_id, group)`` pairs; the id is unique, so
+    no operation ever compares payloads. Sampling leaves groups in place; only capacity evicts.
+    """
+
+    def __init__(self, config: ReplayConfig | Mapping[str, Any] | None = None) -> None:
+        self.config = ReplayConfig.from_config(config)
+        self._items: list[tuple[int, ReplayGroup]] = []
+        self._counter = 0
+        self._rng = np.random.Generator(np.random.PCG64(self.config.seed))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def groups(self) -> list[ReplayGroup]:
+        """The stored groups, oldest first (a copy of the list)."""
+        return [g for _, g in self._items]
+
+    def is_mixed(self, mean_reward: float) -> bool:
+        """True when 0 < mean_reward < 1 (within 1e-6): the group has a GRPO learning signal."""
+        return _TOL < mean_reward < 1.0 - _TOL
+
+    def add(self, groups: Iterable[ReplayGroup], step: int) -> dict[str, int]:
+        """Store groups at the back of the FIFO, then evict the oldest beyond capacity.
+
+        Args:
+            groups: the step's groups; stored as copies whose ``step`` is ``step`` (payload shared).
+            step: current training step.
+
+        Returns:
+            Counts ``stored``, ``skipped_not_mixed``, ``replaced_duplicates`` (older group of the
+            same prompt removed) and ``evicted`` (capacity).
+
+        Raises:
+            ValueError: a group is not a ReplayGroup or its mean_reward lies outside [0, 1].
+        """
+        counts = {"stored": 0, "skipped_not_mixed": 0, "replaced_duplicates": 0, "evicted": 0}
+        for g in groups:
+            if not isinstance(g, ReplayGroup):
+                raise ValueError(f"replay buffer stores ReplayGroup objects, got {type(g).__name__}")
+            if not _is_real(g.mean_reward) or not 0.0 <= g.mean_reward <= 1.0:
+                raise ValueError(f"group {g.uid!r}: mean_reward must lie in [0, 1] (replay.metric "
+                                 f"{self.config.metric!r} is a correctness), got {g.mean_reward!r}")
+            if self.config.store_only_mixed and not self.is_mixed(g.mean_reward):
+                counts["skipped_not_mixed"] += 1
+                continue
+            if self.config.dedup_by_prompt:
+                before = len(self._items)
+                self._items = [(i, old) for i, old in self._items if old.prompt_key != g.prompt_key]
+                counts["replaced_duplicates"] += before - len(self._items)
+            self._items.append((self._counter, replace(g, step=int(step))))
+            self._counter += 1
+            counts["stored"] += 1
+        overflow = max(0, len(self._items) - self.config.capacity)
+        del self._items[:overflow]
+        counts["evicted"] = overflow
+        return counts
+
+    def plan(self, batch_groups: int) -> tuple[int, int]:
+        """Split a step's B groups into (n_fresh, n_replay).
+
+        n_fresh = max(1, floor(delta * B + 0.5)) (half rounds up), n_replay = B - n_fresh; but
+        (B, 0) when replay is disabled or the buffer holds fewer than n_replay groups (the
+        public code's first round is all fresh).
+
+        Raises:
+            ValueError: batch_groups is not an integer >= 1.
+        """
+        if not _is_int(batch_groups) or batch_groups < 1:
+            raise ValueError(f"batch_groups must be an integer >= 1, got {batch_groups!r}")
+        n_fresh = fresh_count(self.config.fresh_fraction, batch_groups)
+        n_replay = batch_groups - n_fresh
+        if not self.config.enable or len(self) < n_replay:
+            return int(batch_groups), 0
+        return n_fresh, n_replay
+
+    def sample(self, n: int, exclude_prompt_keys: Iterable[str] = ()) -> list[ReplayGroup]:
+        """Draw n groups uniformly without replacement; they stay in the buffer.
+
+        Args:
+            n: how many groups.
+            exclude_prompt_keys: prompts not to draw (e.g. those in this step's fresh part).
+
+        Returns:
+            n groups in draw order.
+
+        Raises:
+            ValueError: n < 0 or fewer than n eligible groups.
+        """
+        if not _is_int(n) or n < 0:
+            raise ValueError(f"n must be an integer >= 0, got {n!r}")
+        excluded = set(exclude_prompt_keys)
+        eligible = [g for _, g in self._items if g.prompt_key not in excluded]
+        if len(eligible) < n:
+            raise ValueError(f"asked for {n} replay groups but only {len(eligible)} of {len(self)} are eligible")
+        if n == 0:
+            return []
+        return [eligible[i] for i in self._rng.choice(len(eligible), size=n, replace=False).tolist()]
+
+    def mean_age(self, step: int, groups: Sequence[ReplayGroup] | None = None) -> float:
+        """Mean of ``step - group.step`` over ``groups`` (default: the whole buffer); 0 if empty."""
+        groups = self.groups if groups is None else list(groups)
+        return float(np.mean([step - g.step for g in groups])) if groups else 0.0
+
+    def metrics(self, step: int, n_fresh: int, replayed: Sequence[ReplayGroup]) -> dict[str, float]:
+        """``replay/size`` (groups stored), ``replay/fresh_groups``, ``replay/replayed_groups`` and
+        ``replay/mean_age`` (steps since the replayed groups were generated; 0 if none)."""
+        return {
+            "replay/size": float(len(self)),
+            "replay/fresh_groups": float(n_fresh),
+            "replay/replayed_groups": float(len(replayed)),
+            "replay/mean_age": self.mean_age(step, replayed),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain dict (str/int/float/payload only) for ``torch.save``."""
+        return {
+            "config": asdict(self.config),
+            "groups": [{"id": i, **{f.name: getattr(g, f.name) for f in fields(ReplayGroup)}} for i, g in self._items],
+            "counter": self._counter,
+            "rng": self._rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        """Restore groups, insertion counter and generator state.
+
+        Raises:
+            ValueError: a key is missing, or ``replay.<key>`` of the checkpoint differs from this
+                buffer's config for a key in ``capacity, store_only_mixed, dedup_by_prompt,
+                metric, seed``.
+        """
+        missing = [k for k in ("config", "groups", "counter", "rng") if k not in sd]
+        if missing:
+            raise ValueError(f"replay state_dict lacks {missing}")
+        for key in _STATE_KEYS:
+            saved, now = sd["config"].get(key), getattr(self.config, key)
+            if saved != now:
+                raise ValueError(f"replay.{key}: the checkpoint was saved with {saved!r}, the config has {now!r}")
+        if len(sd["groups"]) > self.config.capacity:
+            raise ValueError(f"replay state_dict holds {len(sd['groups'])} groups > replay.capacity")
+        self._items = [(int(d["id"]), ReplayGroup(**{k: v for k, v in d.items() if k != "id"})) for d in sd["groups"]]
+        self._counter = int(sd["counter"])
+        self._rng.bit_generator.state = sd["rng"]
+
+
+# ----------------------------------------------------------------------------- off-policy correction
+
+
+def _check(mask: torch.Tensor, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.shape != mask.shape:
+            raise ValueError(f"shape mismatch: {tuple(t.shape)} vs response_mask {tuple(mask.shape)}")
+
+
+def _token_mean(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.bool()
+    return torch.where(mask, loss, torch.zeros_like(loss)).sum() / mask.sum().clamp(min=1)
+
+
+def _ppo_clip(ratio: torch.Tensor, advantages: torch.Tensor, clip: float, clip_ratio_c: float | None):
+    """max(-A ratio, -A clip(ratio, 1-eps, 1+eps)) per token, optionally dual-clipped for A < 0."""
+    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip, 1.0 + clip))
+    if clip_ratio_c is not None:
+        loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * clip_ratio_c), loss)
+    return loss
+
+
+def behaviour_weights(old_log_prob: torch.Tensor, behaviour_log_prob: torch.Tensor, response_mask: torch.Tensor,
+                      truncation: float | None = None) -> torch.Tensor:
+    """Token-level behaviour weight w = pi_old / mu of the decoupled loss (public DOTS+RR code).
+
+    w = exp(clamp(log pi_old - log mu, -20, 20)), capped at ``truncation`` c when given, 0 on
+    masked tokens, detached (an importance weight changes the measure, not the objective). Equals
+    verl's ``compute_rollout_correction_weights(old - mu, mask, "token", c)`` (c = inf if None).
+
+    Args:
+        old_log_prob: ``[B, T]`` log pi_old (the current policy before this step's update).
+        behaviour_log_prob: ``[B, T]`` log mu (policy that generated the tokens); = old on fresh rows.
+        response_mask: ``[B, T]`` bool/0-1, 1 = response token.
+        truncation: c >= 1 or None.
+
+    Returns:
+        ``[B, T]`` float weights, dtype of ``old_log_prob``.
+
+    Raises:
+        ValueError: shapes differ or c < 1.
+    """
+    _check(response_mask, old_log_prob, behaviour_log_prob)
+    if truncation is not None and truncation < 1.0:
+        raise ValueError(f"truncation must be >= 1, got {truncation}")
+    w = torch.exp((old_log_prob - behaviour_log_prob).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))
+    if truncation is not None:
+        w = w.clamp(max=truncation)
+    return torch.where(response_mask.bool(), w, torch.zeros_like(w)).detach()
+
+
+def plain_old_log_prob(old_log_prob: torch.Tensor, behaviour_log_prob: torch.Tensor, replayed: torch.Tensor,
+                       truncation: float | None = None) -> torch.Tensor:
+    """Anchor for the paper's plain form: PPO-clip with ratio pi_theta / mu (DOTS+RR, PAPERS.md §2).
+
+    Fed to verl's ``vanilla`` loss as ``old_log_prob``, its ratio exp(log pi - anchor) becomes
+    pi_theta / mu on replayed rows. With truncation c the anchor is max(log mu, log pi_old - log c),
+    so that pi_old / anchor = min(pi_old / mu, c). Fresh rows keep log pi_old.
+
+    Args:
+        old_log_prob: ``[B, T]`` log pi_old.
+        behaviour_log_prob: ``[B, T]`` log mu.
+        replayed: ``[B]`` bool, True = the row comes from the replay buffer.
+        truncation: c >= 1 or None.
+
+    Returns:
+        ``[B, T]`` anchor log-probs (nats), detached.
+
+    Raises:
+        ValueError: shapes differ or c < 1.
+    """
+    _check(old_log_prob, behaviour_log_prob)
+    if replayed.shape != old_log_prob.shape[:1]:
+        raise ValueError(f"replayed must have shape [B] = {tuple(old_log_prob.shape[:1])}, got {tuple(replayed.shape)}")
+    if truncation is not None and truncation < 1.0:
+        raise ValueError(f"truncation must be >= 1, got {truncation}")
+    anchor = behaviour_log_prob
+    if truncation is not None:
+        anchor = torch.maximum(anchor, old_log_prob - math.log(truncation))
+    return torch.where(replayed.bool().unsqueeze(-1), anchor, old_log_prob).detach()
+
+
+def plain_clip_loss(log_prob: torch.Tensor, behaviour_log_prob: torch.Tensor, advantages: torch.Tensor,
+                    response_mask: torch.Tensor, clip: float = 0.2, clip_ratio_c: float | None = None) -> torch.Tensor:
+    """Reference plain loss (paper): token-mean of max(-A rho, -A clip(rho, 1-eps, 1+eps)), rho = pi / mu.
+
+    That is -A min(rho, clip(rho)) for A >= 0 and -A max(rho, clip(rho)) for A < 0 (PPO-clip).
+    ``clip_ratio_c`` adds verl's dual clip (loss <= -A c for A < 0; verl's default c = 3).
+
+    Args:
+        log_prob: ``[B, T]`` log pi_theta; behaviour_log_prob: ``[B, T]`` log mu;
+        advantages: ``[B, T]``; response_mask: ``[B, T]`` 1 = keep.
+
+    Returns:
+        Scalar loss.
+    """
+    _check(response_mask, log_prob, behaviour_log_prob, advantages)
+    rho = torch.exp(log_prob - behaviour_log_prob)
+    return _token_mean(_ppo_clip(rho, advantages, clip, clip_ratio_c), response_mask)
+
+
+def decoupled_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, behaviour_log_prob: torch.Tensor,
+                        advantages: torch.Tensor, response_mask: torch.Tensor, clip: float = 0.2,
+                        truncation: float | None = None, clip_ratio_c: float | None = None) -> torch.Tensor:
+    """Reference decoupled loss: token-mean of w * max(-A r, -A clip(r, 1-eps, 1+eps)).
+
+    r = pi_theta / pi_old, w = :func:`behaviour_weights` (pi_old / mu, capped at c). The public
+    code writes max(-A rho, -A clamp(rho, w(1-eps), w(1+eps))) with rho = pi / mu = r w; since
+    w > 0, clamp(r w, w(1-eps), w(1+eps)) = w clip(r) and the two are equal for every sign of A
+    when c is None. With c, the weight becomes min(w, c) while the public code keeps w.
+
+    Args:
+        log_prob, old_log_prob, behaviour_log_prob, advantages, response_mask: ``[B, T]``.
+        clip: eps. truncation: c >= 1 or None. clip_ratio_c: verl's dual clip (applied to r).
+
+    Returns:
+        Scalar loss.
+    """
+    _check(response_mask, log_prob, old_log_prob, behaviour_log_prob, advantages)
+    w = behaviour_weights(old_log_prob, behaviour_log_prob, response_mask, truncation)
+    r = torch.exp(log_prob - old_log_prob)
+    return _token_mean(w * _ppo_clip(r, advantages, clip, clip_ratio_c), response_mask)

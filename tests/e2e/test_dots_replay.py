@@ -1,0 +1,100 @@
+"""GRPO + DOTS + rollout replay through verl's V1 trainer on CPU, with a resume.
+
+Reward: tests/e2e/parity_reward.py (mixed groups from a random tiny model). The buffer
+stores every group here (``replay.store_only_mixed=false``) so that replay is certain to
+start at step 2 whatever the sampled responses are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from recipe.rollout_replay import state_fingerprint
+from tests.e2e.test_main_job import read_metrics, run_job
+
+PARITY_REWARD = str(Path(__file__).with_name("parity_reward.py"))
+BATCH = 4  # data.train_batch_size of conf/device/cpu.yaml
+REF_SIZE = 16  # dots.ref_size of conf/device/cpu.yaml
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("artifacts_dots_rr")
+
+
+def _run(artifacts: Path, name: str, steps: int, *extra: str):
+    proc = run_job(
+        artifacts,
+        f"trainer.experiment_name={name}",
+        f"trainer.total_training_steps={steps}",
+        "trainer.save_freq=2",
+        "trainer.test_freq=-1",
+        f"reward.custom_reward_function.path={PARITY_REWARD}",
+        *extra,
+    )
+    return proc, {r["step"]: r["data"] for r in read_metrics(artifacts / "runs" / name / "metrics.jsonl")}
+
+
+def test_grpo_dots_rr_rounds_replay_and_resume(artifacts):
+    name = "e2e_dots_rr"
+    common = ("recipe=grpo_dots_rr", "replay.store_only_mixed=false")
+    _, steps = _run(artifacts, name, 2, *common)
+    run_dir = artifacts / "runs" / name
+    s1, s2 = steps[1], steps[2]
+
+    # step 1: a DOTS reference round, all fresh (empty buffer), then every group stored
+    assert s1["dots/rounds"] == 1 and s1["dots/ref_rollout_s"] > 0
+    assert 0.0 <= s1["dots/ref_difficulty_mean"] <= 1.0
+    assert 0.0 <= s1["dots/selected_mean_difficulty"] <= 1.0
+    assert "dots/pred_pearson" in s1  # nan when the held-out difficulties are all equal
+    assert s1["replay/fresh_groups"] == BATCH and s1["replay/replayed_groups"] == 0
+    assert s1["replay/stored"] == BATCH and s1["replay/size"] == BATCH
+    # step 2: half fresh, half replayed from step 1 (age 1), decoupled IS weights logged
+    assert s2["replay/fresh_groups"] == BATCH // 2 and s2["replay/replayed_groups"] == BATCH // 2
+    assert s2["replay/mean_age"] == 1.0
+    assert 0.5 < s2["replay/is_weight_mean"] < 2.0
+    assert s2["rollout_corr/rollout_is_mean"] > 0
+    assert s2["dots/rounds"] == 1  # next round at step 3 (dots.every=2)
+    for m in (s1, s2):
+        assert math.isfinite(m["actor/pg_loss"]) and m["actor/grad_norm"] > 0
+        assert 0.0 <= m["dots/effective_ratio"] <= 1.0
+
+    rounds = [json.loads(line) for line in (run_dir / "dots_rounds.jsonl").read_text().splitlines()]
+    assert len(rounds) == REF_SIZE and {r["step"] for r in rounds} == {1}
+    assert all(0.0 <= r["difficulty"] <= 1.0 and r["n"] == 4 for r in rounds)
+    assert list((artifacts / "cache" / "dots").glob("emb-*.npy")), "question embeddings were not cached"
+
+    # resume from global_step_2: the buffer comes back exactly (same fingerprint) and step 3
+    # replays from it right away (a fresh buffer would make step 3 all fresh)
+    saved = torch.load(run_dir / "global_step_2" / "recipe_state.pt", weights_only=False)
+    assert len(saved["replay"]["groups"]) == BATCH + BATCH // 2
+    proc, steps = _run(artifacts, name, 3, *common)
+    restored = re.search(r"restored replay buffer: (\d+) groups \(fingerprint ([0-9a-f]+)\)", proc.stdout)
+    assert restored, "the resumed run did not report restoring the replay buffer"
+    assert int(restored.group(1)) == len(saved["replay"]["groups"])
+    assert restored.group(2) == state_fingerprint(saved["replay"])
+    s3 = steps[3]
+    assert s3["replay/replayed_groups"] == BATCH // 2 and s3["replay/mean_age"] >= 1.0
+    assert s3["dots/rounds"] == 2  # restored round counter + the round due at step 3
+    rounds = [json.loads(line) for line in (run_dir / "dots_rounds.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in rounds} == {1, 3}
+
+
+def test_replay_alone_on_another_recipe_plain_correction(artifacts):
+    """Replay through config alone on RAFT++, with the paper's plain correction, truncated."""
+    _, steps = _run(
+        artifacts, "e2e_rr_raft_pp", 2, "recipe=raft_pp", "replay.enable=true", "replay.correction=plain",
+        "replay.truncation=2.0", "replay.store_only_mixed=false",
+    )
+    s1, s2 = steps[1], steps[2]
+    assert "dots/rounds" not in s1  # DOTS stays off
+    assert s1["replay/replayed_groups"] == 0 and s2["replay/replayed_groups"] == BATCH // 2
+    assert 0.0 < s2["replay/is_weight_mean"] <= 2.0  # truncated at c = 2
+    assert "rollout_corr/rollout_is_mean" not in s2  # plain: verl's IS weights stay off
+    assert math.isfinite(s2["actor/pg_loss"]) and s2["actor/grad_norm"] > 0

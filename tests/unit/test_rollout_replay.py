@@ -1,0 +1,633 @@
+"""Tests of the rollout-replay glue (recipe/rollout_replay.py) and its start-up settings
+(recipe.main.configure_replay), without Ray or a verl run.
+
+TransferQueue is replaced by :class:`FakeTQ`, an in-memory key -> fields store with the
+three calls the sampler makes; verl's agent loop and trainer stages are played by the
+tests (they put the rollout fields, then ``old_log_probs`` / ``advantages``). Expected
+values are computed by hand (python ``math`` on explicit lists), not with the module's
+helpers.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import math
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf, open_dict
+from transfer_queue import KVBatchMeta
+
+import recipe.rollout_replay as rr
+from recipe.algos.replay import ReplayConfig, ReplayGroup, RolloutReplayBuffer
+from recipe.main import ConfigError, configure_replay
+from recipe.rollout_replay import (
+    REPLAYED,
+    RolloutReplaySampler,
+    prompt_key,
+    sample_dicts,
+    state_fingerprint,
+)
+from recipe.sampler import SKIP_UPDATE, GroupFilterReplayBuffer
+from verl.utils.tensordict_utils import assign_non_tensor_data, list_of_dict_to_tensordict
+
+P = "train"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+# ----------------------------------------------------------------------------- fakes
+class FakeTQ:
+    """In-memory TransferQueue: ``partition -> key -> {field: per-sample value}``."""
+
+    def __init__(self):
+        self.data: dict[str, dict[str, dict]] = {}
+        self.tags: dict[str, dict[str, dict]] = {}
+        self.puts: list[tuple[list[str], list[str] | None]] = []
+
+    def kv_batch_get(self, keys, partition_id, select_fields=None):
+        part = self.data[partition_id]
+        rows = []
+        for k in keys:
+            row = part[k]
+            rows.append(dict(row) if select_fields is None else {f: row[f] for f in select_fields})
+        return list_of_dict_to_tensordict(rows)
+
+    def kv_batch_put(self, keys, partition_id, fields=None, tags=None):
+        part = self.data.setdefault(partition_id, {})
+        if fields is not None:
+            rows = sample_dicts(fields)
+            assert len(rows) == len(keys)
+            for k, row in zip(keys, rows):
+                part.setdefault(k, {}).update(row)
+        if tags is not None:
+            self.tags.setdefault(partition_id, {}).update({k: dict(t) for k, t in zip(keys, tags, strict=True)})
+        self.puts.append((list(keys), None if fields is None else sorted(fields.keys())))
+        return KVBatchMeta(partition_id=partition_id, keys=list(keys), tags=list(tags or [{} for _ in keys]))
+
+    def kv_clear(self, keys, partition_id):
+        for k in [keys] if isinstance(keys, str) else keys:
+            self.data.get(partition_id, {}).pop(k, None)
+            self.tags.get(partition_id, {}).pop(k, None)
+
+    # what the tests do in verl's place
+    def clear_partition(self, partition_id=P):
+        self.data.pop(partition_id, None)
+        self.tags.pop(partition_id, None)
+
+    def write(self, field, values: dict[str, list[float]], partition_id=P):
+        """A trainer stage writing ``field`` ([T_i] float32) for the given keys."""
+        for k, v in values.items():
+            self.data[partition_id][k][field] = torch.tensor(v, dtype=torch.float32)
+
+    def get(self, key, field, partition_id=P):
+        return self.data[partition_id][key][field]
+
+
+@pytest.fixture
+def fake_tq(monkeypatch):
+    fake = FakeTQ()
+    monkeypatch.setattr(rr, "tq", fake)
+    return fake
+
+
+def make_sampler(**replay) -> RolloutReplaySampler:
+    """The sampler as verl's V1 trainer builds it (no group filter)."""
+    return RolloutReplaySampler(
+        trainer_mode="sync", trainer_config={}, max_off_policy_threshold=None, max_off_policy_strategy="drop",
+        sampler_kwargs={"group_filter": None, "replay": replay}, refill_fn=None,
+    )
+
+
+def rollout_rows(uid: str, prompt: list[int], accs: list[float], lengths: list[int]) -> dict[str, dict]:
+    """key -> the fields verl's agent loop puts for one group (n = len(accs) responses)."""
+    rows = {}
+    for j, (acc, t) in enumerate(zip(accs, lengths, strict=True)):
+        rows[f"{uid}_{j}_0"] = {
+            "prompts": torch.tensor(prompt, dtype=torch.int64),
+            "responses": torch.arange(100 + j, 100 + j + t, dtype=torch.int64),
+            "response_mask": torch.ones(t, dtype=torch.int64),
+            "rollout_log_probs": torch.full((t,), -0.25 - j, dtype=torch.float32),
+            "extra_fields": {"reward_extra_info": {"acc": float(acc), "pred": "42"}},
+        }
+    return rows
+
+
+def run_sample(sampler, fake, monkeypatch, step, fresh: dict[str, dict], batch_size, extra_tags=None):
+    """verl's ``sample`` call of one step: the agent loop's rows are in TransferQueue and the
+    group filter (faked) hands back exactly those keys."""
+    fake.clear_partition()
+    for k, row in fresh.items():
+        fake.data.setdefault(P, {})[k] = dict(row)
+    tags = [dict({"status": "finished", "global_steps": step}, **(extra_tags or {}).get(k, {})) for k in fresh]
+    prepared = KVBatchMeta(partition_id=P, keys=list(fresh), tags=tags)
+    calls = []
+
+    def fake_super_sample(self, global_steps, partition_id, n):
+        calls.append(n)
+        return prepared, {"filter/kept_groups": n}
+
+    monkeypatch.setattr(GroupFilterReplayBuffer, "sample", fake_super_sample)
+    batch, metrics = sampler.sample(step, P, batch_size)
+    return batch, metrics, calls
+
+
+# step 1: four fresh groups, two of them mixed; lengths differ inside a group (jagged)
+STEP1 = {
+    **rollout_rows("ua", [1, 2, 3], [1.0, 0.0], [2, 3]),
+    **rollout_rows("ub", [4, 5], [0.0, 1.0], [1, 2]),
+    **rollout_rows("uc", [6], [1.0, 1.0], [2, 2]),  # all correct: not stored
+    **rollout_rows("ud", [7, 8], [0.0, 0.0], [3, 1]),  # all wrong: not stored
+}
+OLD1 = {  # pi_old written by verl at step 1 = the behaviour log-probs mu of the stored groups
+    "ua_0_0": [-1.0, -2.0], "ua_1_0": [-0.5, -0.5, -3.0],
+    "ub_0_0": [-1.0], "ub_1_0": [-2.0, -0.1],
+    "uc_0_0": [-0.3, -0.3], "uc_1_0": [-0.2, -0.2],
+    "ud_0_0": [-1.0, -1.0, -1.0], "ud_1_0": [-4.0],
+}
+ADV1 = {k: [0.5 * (i + 1)] * len(v) for i, (k, v) in enumerate(OLD1.items())}
+# step 2: two fresh groups (new prompts)
+STEP2 = {
+    **rollout_rows("ue", [9, 9], [1.0, 0.0], [2, 1]),
+    **rollout_rows("uf", [10], [0.0, 1.0], [1, 1]),
+}
+# pi_old recomputed at step 2 for the replayed rows (and the fresh ones)
+OLD2 = {
+    "ua_0_0": [-0.5, -2.5], "ua_1_0": [-0.5, 0.5, -1.0],
+    "ub_0_0": [-3.0], "ub_1_0": [-2.0, -0.1],
+    "ue_0_0": [-0.7, -0.7], "ue_1_0": [-0.9], "uf_0_0": [-0.4], "uf_1_0": [-0.6],
+}
+REPLAYED_KEYS = ["ua_0_0", "ua_1_0", "ub_0_0", "ub_1_0"]
+
+
+def run_step1(sampler, fake, monkeypatch):
+    """Step 1 (all fresh), through store_fresh; returns (sample batch, metrics, store metrics)."""
+    assert sampler.plan_step(4) == 4
+    batch, metrics, calls = run_sample(sampler, fake, monkeypatch, 1, STEP1, 4)
+    assert calls == [4]
+    fake.write("old_log_probs", OLD1)
+    assert sampler.after_old_log_prob(batch) == {"replay/is_weight_mean": 1.0}
+    fake.write("advantages", ADV1)
+    sampler.after_advantage(batch)
+    stored = sampler.store_fresh(batch, 1)
+    return batch, metrics, stored
+
+
+def run_step2_sample(sampler, fake, monkeypatch, fresh=STEP2):
+    assert sampler.plan_step(4) == 2
+    batch, metrics, calls = run_sample(sampler, fake, monkeypatch, 2, fresh, 4)
+    assert calls == [2]
+    return batch, metrics
+
+
+# ----------------------------------------------------------------------------- sample_dicts / prompt_key
+def test_sample_dicts_jagged_dense_non_tensor_and_bf16():
+    rows = [
+        {"ids": torch.tensor([1, 2, 3]), "dense": torch.tensor([1.0, 2.0]),
+         "lp": torch.tensor([-0.5, -1.0], dtype=torch.bfloat16), "extra": {"reward_extra_info": {"acc": 1.0}}},
+        {"ids": torch.tensor([4]), "dense": torch.tensor([3.0, 4.0]),
+         "lp": torch.tensor([-2.0, -0.25, -8.0, -0.125], dtype=torch.bfloat16),
+         "extra": {"reward_extra_info": {"acc": 0.0, "pred": None}}},
+    ]
+    td = list_of_dict_to_tensordict(rows)
+    assert td["ids"].is_nested and not td["dense"].is_nested  # the two layouts are exercised
+    assign_non_tensor_data(td, "global_steps", 7)  # a batch-wide NonTensorData
+    out = sample_dicts(td)
+    assert len(out) == 2
+    for got, want in zip(out, rows):
+        assert set(got) == {"ids", "dense", "lp", "extra", "global_steps"}
+        for name in ("ids", "dense", "lp"):
+            assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+        assert got["extra"] == want["extra"]
+        assert got["global_steps"] == 7
+    out[0]["dense"][0] = 99.0  # copies, not views into the batch
+    assert td["dense"][0, 0].item() == 1.0
+    # round trip: dicts -> TensorDict -> dicts
+    again = sample_dicts(list_of_dict_to_tensordict([{k: v for k, v in r.items() if k != "global_steps"} for r in out]))
+    assert torch.equal(again[1]["lp"], rows[1]["lp"]) and again[1]["extra"] == rows[1]["extra"]
+
+
+def test_sample_dicts_single_sample():
+    out = sample_dicts(list_of_dict_to_tensordict([{"ids": torch.tensor([5, 6]), "s": "text"}]))
+    assert len(out) == 1 and torch.equal(out[0]["ids"], torch.tensor([5, 6])) and out[0]["s"] == "text"
+
+
+def test_prompt_key():
+    want = hashlib.sha1(np.array([1, 2, 3], dtype=np.int64).tobytes()).hexdigest()
+    assert prompt_key(torch.tensor([1, 2, 3])) == want
+    assert prompt_key(torch.tensor([1, 2, 3], dtype=torch.int32)) == want  # dtype-independent
+    assert prompt_key(torch.tensor([1, 2, 4])) != want
+    assert prompt_key(torch.tensor([3, 2, 1])) != want
+
+
+# ----------------------------------------------------------------------------- fingerprint
+def _payload(keys, lengths, seed, lp_dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "keys": list(keys),
+        "tags": [{"status": "finished", "global_steps": 1} for _ in keys],
+        "fields": [{"prompts": torch.tensor([seed, 2, 3]), "responses": torch.arange(t) + seed,
+                    "rollout_log_probs": -torch.rand(t, generator=g).to(torch.bfloat16),
+                    "extra_fields": {"reward_extra_info": {"acc": float(i % 2)}}}
+                   for i, t in enumerate(lengths)],
+        "behaviour_log_probs": [-torch.rand(t, generator=g).to(lp_dtype) for t in lengths],
+        "advantages": [torch.full((t,), 0.5 - i) for i, t in enumerate(lengths)],
+    }
+
+
+def _buffer(groups=None, steps=(1, 2, 3)):
+    buf = RolloutReplayBuffer(ReplayConfig(enable=True, capacity=8))
+    specs = groups or [("p0", "u0", [2, 3]), ("p1", "u1", [1, 4]), ("p2", "u2", [3, 3])]
+    for (pk, uid, lengths), step in zip(specs, steps):
+        keys = [f"{uid}_{j}_0" for j in range(len(lengths))]
+        buf.add([ReplayGroup(pk, uid, step, 0.5, _payload(keys, lengths, seed=int(uid[1:])))], step)
+    return buf
+
+
+def test_fingerprint_equal_after_torch_save_load_round_trip():
+    buf = _buffer()
+    state = buf.state_dict()
+    assert any(f["rollout_log_probs"].dtype == torch.bfloat16 for g in state["groups"] for f in g["payload"]["fields"])
+    blob = io.BytesIO()
+    torch.save(state, blob)
+    blob.seek(0)
+    loaded = torch.load(blob, weights_only=False)  # as RecipeTrainer._load_checkpoint
+    assert state_fingerprint(loaded) == state_fingerprint(state)
+    restored = RolloutReplayBuffer(ReplayConfig(enable=True, capacity=8))
+    restored.load_state_dict(loaded)
+    assert state_fingerprint(restored.state_dict()) == state_fingerprint(state)
+    # deterministic and not trivially constant
+    assert state_fingerprint(_buffer().state_dict()) == state_fingerprint(state)
+    empty = hashlib.sha1().hexdigest()
+    assert state_fingerprint({}) == state_fingerprint(None) == empty != state_fingerprint(state)
+
+
+def _mutated(fn):
+    state = _buffer().state_dict()
+    fn(state)
+    return state_fingerprint(state)
+
+
+@pytest.mark.parametrize("name,mutate", [
+    ("behaviour log-prob", lambda s: s["groups"][1]["payload"]["behaviour_log_probs"][1].__setitem__(2, -9.0)),
+    ("advantage", lambda s: s["groups"][2]["payload"]["advantages"][0].__setitem__(0, 0.25)),
+    ("bf16 field tensor", lambda s: s["groups"][0]["payload"]["fields"][1]["rollout_log_probs"].__setitem__(0, -2.0)),
+    ("response ids", lambda s: s["groups"][0]["payload"]["fields"][0]["responses"].__setitem__(1, 77)),
+    ("non-tensor field", lambda s: s["groups"][0]["payload"]["fields"][0]["extra_fields"]["reward_extra_info"]
+     .__setitem__("acc", 1.0)),
+    ("step", lambda s: s["groups"][1].__setitem__("step", 5)),
+    ("key", lambda s: s["groups"][1]["payload"]["keys"].__setitem__(0, "u1_9_0")),
+    ("uid", lambda s: s["groups"][0].__setitem__("uid", "zz")),
+    ("prompt", lambda s: s["groups"][0].__setitem__("prompt_key", "p9")),
+    ("mean reward", lambda s: s["groups"][0].__setitem__("mean_reward", 0.25)),
+    ("order", lambda s: s["groups"].reverse()),
+    ("dropped group", lambda s: s["groups"].pop()),
+    ("dtype", lambda s: s["groups"][0]["payload"]["behaviour_log_probs"].__setitem__(
+        0, s["groups"][0]["payload"]["behaviour_log_probs"][0].to(torch.float64))),
+])
+def test_fingerprint_changes_with_every_part_of_the_state(name, mutate):
+    assert _mutated(mutate) != state_fingerprint(_buffer().state_dict()), name
+
+
+def test_fingerprint_sees_where_one_response_ends():
+    state = _buffer().state_dict()
+    a, b = state["groups"][0]["payload"]["behaviour_log_probs"]  # lengths 2 and 3
+    moved = copy.deepcopy(state)
+    moved["groups"][0]["payload"]["behaviour_log_probs"] = [torch.cat([a, b[:1]]), b[1:].clone()]  # 3 and 2
+    # same concatenated values: only the per-tensor boundaries (the dtype prefix of each tensor) differ
+    assert state_fingerprint(moved) != state_fingerprint(state)
+
+
+# ----------------------------------------------------------------------------- sampler: disabled / plan
+def test_disabled_sampler_is_plain_group_filter(fake_tq, monkeypatch):
+    s = make_sampler(enable=False)
+    assert not s.enabled and s.buffer is None
+    assert s.plan_step(4) == 4
+    batch, metrics, calls = run_sample(s, fake_tq, monkeypatch, 1, STEP1, 4)
+    assert calls == [4] and batch.keys == list(STEP1) and metrics == {"filter/kept_groups": 4}
+    assert s.after_old_log_prob(batch) == {} and s.store_fresh(batch, 1) == {}
+    assert s.state_dict() == {} and fake_tq.puts == []
+
+
+@pytest.mark.parametrize("delta,batch,fresh", [(0.5, 4, 2), (0.25, 8, 2), (0.5, 3, 2), (0.3, 5, 2), (1.0, 4, 4)])
+def test_plan_step_all_fresh_until_buffer_holds_the_rest(delta, batch, fresh):
+    s = make_sampler(enable=True, fresh_fraction=delta, store_only_mixed=False)
+    n_replay = batch - fresh
+    for stored in range(n_replay):  # fewer than B - round(delta B) groups: all fresh
+        assert len(s.buffer) == stored
+        assert s.plan_step(batch) == batch and s._plan == (batch, 0)
+        s.buffer.add([ReplayGroup(f"p{stored}", f"u{stored}", 1, 0.5)], 1)
+    assert s.plan_step(batch) == fresh and s._plan == (fresh, n_replay)
+
+
+# ----------------------------------------------------------------------------- sampler: full steps
+def test_store_fresh_adds_mixed_groups_with_pi_old_as_behaviour(fake_tq, monkeypatch):
+    s = make_sampler(enable=True, capacity=8)
+    batch, metrics, stored = run_step1(s, fake_tq, monkeypatch)
+    assert batch.keys == list(STEP1) and not any(REPLAYED in t for t in batch.tags)
+    assert metrics == {"filter/kept_groups": 4, "replay/size": 0.0, "replay/fresh_groups": 4.0,
+                       "replay/replayed_groups": 0.0, "replay/mean_age": 0.0}
+    assert stored == {"replay/stored": 2, "replay/evicted": 0, "replay/size": 2}
+    ga, gb = s.buffer.groups
+    assert (ga.uid, gb.uid) == ("ua", "ub") and ga.step == gb.step == 1
+    assert ga.mean_reward == 0.5 and gb.mean_reward == 0.5
+    assert ga.prompt_key == prompt_key(torch.tensor([1, 2, 3])) and gb.prompt_key == prompt_key(torch.tensor([4, 5]))
+    for g in (ga, gb):
+        p = g.payload
+        assert p["keys"] == [f"{g.uid}_0_0", f"{g.uid}_1_0"]
+        for k, mu, adv, row, tag in zip(p["keys"], p["behaviour_log_probs"], p["advantages"], p["fields"], p["tags"]):
+            assert torch.equal(mu, torch.tensor(OLD1[k])), k
+            assert torch.equal(adv, torch.tensor(ADV1[k])), k
+            assert set(row) == {"prompts", "responses", "response_mask", "rollout_log_probs", "extra_fields"}
+            assert torch.equal(row["responses"], STEP1[k]["responses"])
+            assert row["extra_fields"] == STEP1[k]["extra_fields"]
+            assert tag == {"status": "finished", "global_steps": 1}
+    assert s._fresh == [] and s.store_fresh(batch, 1) == {}  # stored once
+
+
+def test_store_all_groups_when_not_only_mixed(fake_tq, monkeypatch):
+    s = make_sampler(enable=True, store_only_mixed=False)
+    _, _, stored = run_step1(s, fake_tq, monkeypatch)
+    assert stored == {"replay/stored": 4, "replay/evicted": 0, "replay/size": 4}
+    assert [(g.uid, g.mean_reward) for g in s.buffer.groups] == [("ua", 0.5), ("ub", 0.5), ("uc", 1.0), ("ud", 0.0)]
+
+
+def test_store_fresh_fifo_capacity_reports_evictions(fake_tq, monkeypatch):
+    s = make_sampler(enable=True, store_only_mixed=False, capacity=3)
+    _, _, stored = run_step1(s, fake_tq, monkeypatch)
+    assert stored == {"replay/stored": 4, "replay/evicted": 1, "replay/size": 3}
+    assert [g.uid for g in s.buffer.groups] == ["ub", "uc", "ud"]
+
+
+def test_padding_and_skip_update_batches_are_not_stored(fake_tq, monkeypatch):
+    s = make_sampler(enable=True, store_only_mixed=False)
+    rows = {**rollout_rows("ua", [1], [1.0, 0.0], [1, 1]), **rollout_rows("up", [2], [0.0, 1.0], [1, 1])}
+    pad = {"up_0_0": {"is_padding": True}, "up_1_0": {"is_padding": True}}
+    batch, _, _ = run_sample(s, fake_tq, monkeypatch, 1, rows, 2, extra_tags=pad)
+    fake_tq.write("old_log_probs", {k: [-1.0] for k in rows})
+    fake_tq.write("advantages", {k: [0.0] for k in rows})
+    assert s.store_fresh(batch, 1)["replay/stored"] == 1 and [g.uid for g in s.buffer.groups] == ["ua"]
+
+    s2 = make_sampler(enable=True, store_only_mixed=False)
+    skip = {k: {SKIP_UPDATE: True} for k in rows}
+    batch, metrics, _ = run_sample(s2, fake_tq, monkeypatch, 1, rows, 2, extra_tags=skip)
+    assert batch.keys == list(rows) and metrics["replay/replayed_groups"] == 0.0
+    assert s2.store_fresh(batch, 1) == {} and len(s2.buffer) == 0
+
+
+def test_store_fresh_missing_metric_names_replay_metric(fake_tq, monkeypatch):
+    s = make_sampler(enable=True, metric="correct")
+    batch, _, _ = run_sample(s, fake_tq, monkeypatch, 1, STEP1, 4)
+    fake_tq.write("old_log_probs", OLD1)
+    fake_tq.write("advantages", ADV1)
+    with pytest.raises(RuntimeError, match=r"replay\.metric='correct'.*\['acc', 'pred'\]"):
+        s.store_fresh(batch, 1)
+
+
+@pytest.mark.parametrize("correction", ["decoupled", "plain", "none"])
+def test_replayed_groups_written_back_under_their_keys(fake_tq, monkeypatch, correction):
+    s = make_sampler(enable=True, correction=correction)
+    run_step1(s, fake_tq, monkeypatch)
+    batch, metrics = run_step2_sample(s, fake_tq, monkeypatch)
+    assert batch.partition_id == P
+    assert batch.keys[:4] == list(STEP2) and sorted(batch.keys[4:]) == REPLAYED_KEYS
+    for k, tag in zip(batch.keys, batch.tags):
+        if k in STEP2:
+            assert tag == {"status": "finished", "global_steps": 2}
+        else:  # the stored tags of step 1, flagged
+            assert tag == {"status": "finished", "global_steps": 1, REPLAYED: True}
+            assert s.is_replayed(k)
+    assert not s.is_replayed("ue_0_0")
+    assert metrics == {"filter/kept_groups": 2, "replay/size": 2.0, "replay/fresh_groups": 2.0,
+                       "replay/replayed_groups": 2.0, "replay/mean_age": 1.0}
+    for k in REPLAYED_KEYS:  # TransferQueue holds the stored rows again (nothing of the stages)
+        row = fake_tq.data[P][k]
+        assert set(row) == {"prompts", "responses", "response_mask", "rollout_log_probs", "extra_fields"}
+        assert torch.equal(row["responses"], STEP1[k]["responses"])
+        assert row["extra_fields"] == STEP1[k]["extra_fields"]
+        want = torch.tensor(OLD1[k]) if correction == "decoupled" else STEP1[k]["rollout_log_probs"]
+        assert torch.equal(row["rollout_log_probs"], want), (k, correction)  # decoupled: mu
+    assert fake_tq.tags[P]["ua_1_0"][REPLAYED] is True
+
+
+def test_fresh_prompt_excludes_its_stored_group(fake_tq, monkeypatch):
+    s = make_sampler(enable=True)
+    run_step1(s, fake_tq, monkeypatch)
+    same_prompt = {**rollout_rows("ue", [1, 2, 3], [1.0, 0.0], [1, 1]), **rollout_rows("uf", [10], [0.0, 1.0], [1, 1])}
+    batch, metrics = run_step2_sample(s, fake_tq, monkeypatch, fresh=same_prompt)
+    assert batch.keys[4:] == ["ub_0_0", "ub_1_0"]  # ua has the prompt of the fresh group ue
+    assert metrics["replay/replayed_groups"] == 1.0
+
+
+def test_after_old_log_prob_decoupled_weights_and_unchanged_pi_old(fake_tq, monkeypatch):
+    s = make_sampler(enable=True, correction="decoupled", truncation=2.0)
+    run_step1(s, fake_tq, monkeypatch)
+    batch, _ = run_step2_sample(s, fake_tq, monkeypatch)
+    fake_tq.write("old_log_probs", OLD2)
+    metrics = s.after_old_log_prob(batch)
+    ws = [min(math.exp(o - m), 2.0) for k in REPLAYED_KEYS for o, m in zip(OLD2[k], OLD1[k], strict=True)]
+    # by hand: ua_0_0 [e^0.5 -> 1.6487, e^-0.5], ua_1_0 [1, e^1 -> 2 (cap), e^2 -> 2], ub_0_0 [e^-2], ub_1_0 [1, 1]
+    assert len(ws) == 8
+    assert metrics == {"replay/is_weight_mean": pytest.approx(sum(ws) / 8, rel=1e-6)}
+    assert metrics["replay/is_weight_mean"] == pytest.approx(
+        (math.exp(0.5) + math.exp(-0.5) + 1 + 2 + 2 + math.exp(-2) + 1 + 1) / 8, rel=1e-6)
+    for k, v in OLD2.items():  # decoupled: verl's rollout correction does the rest
+        assert fake_tq.get(k, "old_log_probs").tolist() == pytest.approx(v), k
+
+
+def test_after_old_log_prob_decoupled_no_truncation(fake_tq, monkeypatch):
+    s = make_sampler(enable=True, correction="decoupled")
+    run_step1(s, fake_tq, monkeypatch)
+    batch, _ = run_step2_sample(s, fake_tq, monkeypatch)
+    fake_tq.write("old_log_probs", OLD2)
+    got = s.after_old_log_prob(batch)["replay/is_weight_mean"]
+    assert got == pytest.approx((math.exp(0.5) + math.exp(-0.5) + 1 + math.e + math.exp(2) + math.exp(-2) + 2) / 8,
+                                rel=1e-6)
+
+
+@pytest.mark.parametrize("truncation", [None, 2.0])
+def test_after_old_log_prob_plain_anchors_replayed_rows(fake_tq, monkeypatch, truncation):
+    s = make_sampler(enable=True, correction="plain", truncation=truncation)
+    run_step1(s, fake_tq, monkeypatch)
+    batch, _ = run_step2_sample(s, fake_tq, monkeypatch)
+    fake_tq.write("old_log_probs", OLD2)
+    s.after_old_log_prob(batch)
+    log_c = math.inf if truncation is None else math.log(truncation)
+    for k in REPLAYED_KEYS:  # max(mu, old - log c); = mu without truncation
+        want = [max(m, o - log_c) for o, m in zip(OLD2[k], OLD1[k])]
+        assert fake_tq.get(k, "old_log_probs").tolist() == pytest.approx(want, abs=1e-6), k
+    if truncation:  # e.g. ua_1_0: old [-0.5, 0.5, -1.0], mu [-0.5, -0.5, -3.0] -> [-0.5, 0.5 - ln 2, -1 - ln 2]
+        assert fake_tq.get("ua_1_0", "old_log_probs").tolist() == pytest.approx(
+            [-0.5, 0.5 - math.log(2), -1.0 - math.log(2)], abs=1e-6)
+    for k in STEP2:  # fresh rows keep pi_old
+        assert fake_tq.get(k, "old_log_probs").tolist() == pytest.approx(OLD2[k]), k
+
+
+def test_after_old_log_prob_equal_lengths_dense_batch(fake_tq, monkeypatch):
+    """Replayed responses of one length come back from TransferQueue as a dense [B, T] tensor."""
+    s = make_sampler(enable=True, correction="plain")
+    rows = {**rollout_rows("ua", [1], [1.0, 0.0], [2, 2]), **rollout_rows("ub", [2], [0.0, 1.0], [2, 2])}
+    assert s.plan_step(2) == 2
+    batch, _, _ = run_sample(s, fake_tq, monkeypatch, 1, rows, 2)
+    fake_tq.write("old_log_probs", {k: [-1.0, -2.0] for k in rows})
+    fake_tq.write("advantages", {k: [1.0, 1.0] for k in rows})
+    s.store_fresh(batch, 1)
+    assert s.plan_step(2) == 1
+    fresh = rollout_rows("uc", [3], [1.0, 0.0], [2, 2])
+    batch, metrics, _ = run_sample(s, fake_tq, monkeypatch, 2, fresh, 2)
+    keys = [k for k in batch.keys if s.is_replayed(k)]  # one group of two responses (B=2, delta=0.5)
+    assert len(keys) == 2 and keys[0].split("_")[0] in ("ua", "ub") and metrics["replay/replayed_groups"] == 1.0
+    fake_tq.write("old_log_probs", {k: [0.0, -3.0] for k in batch.keys})
+    w = s.after_old_log_prob(batch)["replay/is_weight_mean"]
+    assert w == pytest.approx((math.exp(1.0) + math.exp(-1.0)) / 2, rel=1e-6)
+    for k in keys:
+        assert fake_tq.get(k, "old_log_probs").tolist() == [-1.0, -2.0]
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_after_advantage_restores_stored_advantages(fake_tq, monkeypatch, reuse):
+    s = make_sampler(enable=True, reuse_advantages=reuse)
+    run_step1(s, fake_tq, monkeypatch)
+    batch, _ = run_step2_sample(s, fake_tq, monkeypatch)
+    fake_tq.write("old_log_probs", OLD2)
+    s.after_old_log_prob(batch)
+    recomputed = {k: [-7.0] * len(v) for k, v in OLD2.items()}
+    fake_tq.write("advantages", recomputed)
+    s.after_advantage(batch)
+    for k in REPLAYED_KEYS:
+        want = ADV1[k] if reuse else recomputed[k]
+        assert fake_tq.get(k, "advantages").tolist() == want, k
+    for k in STEP2:
+        assert fake_tq.get(k, "advantages").tolist() == recomputed[k], k
+
+
+def test_step2_store_fresh_keeps_replayed_groups_and_dedups(fake_tq, monkeypatch):
+    s = make_sampler(enable=True)
+    run_step1(s, fake_tq, monkeypatch)
+    same_prompt = {**rollout_rows("ue", [1, 2, 3], [0.0, 1.0], [1, 1]), **rollout_rows("uf", [10], [1.0, 1.0], [1, 1])}
+    batch, _ = run_step2_sample(s, fake_tq, monkeypatch, fresh=same_prompt)
+    fake_tq.write("old_log_probs", {k: [-0.5] * len(fake_tq.data[P][k]["responses"]) for k in batch.keys})
+    s.after_old_log_prob(batch)
+    fake_tq.write("advantages", {k: [0.0] * len(fake_tq.data[P][k]["responses"]) for k in batch.keys})
+    s.after_advantage(batch)
+    out = s.store_fresh(batch, 2)
+    # ue (mixed) replaces ua (same prompt), uf (all correct) is skipped, replayed ub is not re-added
+    assert out == {"replay/stored": 1, "replay/evicted": 0, "replay/size": 2}
+    assert [(g.uid, g.step) for g in s.buffer.groups] == [("ub", 1), ("ue", 2)]
+    assert torch.equal(s.buffer.groups[0].payload["behaviour_log_probs"][1], torch.tensor(OLD1["ub_1_0"]))  # mu kept
+
+
+def test_sampler_state_round_trip_and_fingerprint(fake_tq, monkeypatch):
+    s = make_sampler(enable=True, store_only_mixed=False)
+    run_step1(s, fake_tq, monkeypatch)
+    for _ in range(3):  # advance the sampling generator: the state must carry it
+        s.buffer.sample(2)
+    blob = io.BytesIO()
+    torch.save(s.state_dict(), blob)
+    blob.seek(0)
+    t = make_sampler(enable=True, store_only_mixed=False)
+    assert t.fingerprint() != s.fingerprint()
+    t.load_state_dict(torch.load(blob, weights_only=False))
+    assert t.fingerprint() == s.fingerprint() == state_fingerprint(s.state_dict())
+    t.load_state_dict({})  # replay was off in the checkpoint: ignored
+    assert t.fingerprint() == s.fingerprint()
+    # the restored sampler draws the same replayed groups as the original (4 stored, 2 drawn)
+    b1, _ = run_step2_sample(s, fake_tq, monkeypatch)
+    b2, _ = run_step2_sample(t, fake_tq, monkeypatch)
+    assert len(b1.keys) == 8 and b1.keys == b2.keys
+
+
+# ----------------------------------------------------------------------------- configure_replay
+@pytest.fixture(scope="module")
+def composed():
+    """Composed configs (unresolved, as recipe.main.run sees them): default and grpo_dots_rr."""
+    out = {}
+    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        out["default"] = hydra.compose("config")
+        out["dots_rr"] = hydra.compose("config", overrides=["recipe=grpo_dots_rr"])
+        out["dots_rr_c2"] = hydra.compose("config", overrides=["recipe=grpo_dots_rr", "replay.truncation=2"])
+    return out
+
+
+def _cfg(composed, name="dots_rr", **edits):
+    cfg = copy.deepcopy(composed[name])
+    with open_dict(cfg):
+        for key, value in edits.items():
+            OmegaConf.update(cfg, key.replace("__", "."), value, force_add=True)
+    return cfg
+
+
+def test_configure_replay_off_leaves_config_untouched(composed):
+    cfg = _cfg(composed, "default")
+    assert cfg.replay.enable is False
+    before = OmegaConf.to_container(cfg, resolve=False)
+    configure_replay(cfg)
+    assert OmegaConf.to_container(cfg, resolve=False) == before
+    assert cfg.data.get("gen_batch_size") is None and cfg.algorithm.rollout_correction.rollout_is is None
+
+
+def test_configure_replay_grpo_dots_rr(composed):
+    cfg = _cfg(composed)
+    assert cfg.data.train_batch_size == 4 and cfg.data.get("gen_batch_size") is None
+    configure_replay(cfg)
+    assert cfg.data.gen_batch_size == 2  # gcd(B=4, round(0.5 * 4) = 2)
+    rc = cfg.algorithm.rollout_correction
+    assert rc.rollout_is == "token" and rc.rollout_is_threshold == math.inf
+    # the sampler's kwargs follow the interpolation
+    assert OmegaConf.select(cfg, "trainer.v1.sampler.sampler_kwargs.gen_batch_size") == 2
+
+
+@pytest.mark.parametrize("batch,delta,gen", [(6, 0.5, 3), (8, 0.25, 2), (5, 0.5, 1), (4, 1.0, 4)])
+def test_configure_replay_gen_batch_size_is_gcd(composed, batch, delta, gen):
+    cfg = _cfg(composed, data__train_batch_size=batch, replay__fresh_fraction=delta)
+    configure_replay(cfg)
+    assert cfg.data.gen_batch_size == gen
+
+
+def test_configure_replay_truncation_sets_threshold(composed):
+    cfg = _cfg(composed, "dots_rr_c2")
+    configure_replay(cfg)
+    assert cfg.algorithm.rollout_correction.rollout_is == "token"
+    assert cfg.algorithm.rollout_correction.rollout_is_threshold == 2.0
+
+
+def test_configure_replay_plain_leaves_rollout_correction(composed):
+    cfg = _cfg(composed, replay__correction="plain", actor_rollout_ref__rollout__calculate_log_probs=False)
+    configure_replay(cfg)
+    assert cfg.algorithm.rollout_correction.rollout_is is None
+    assert cfg.algorithm.rollout_correction.rollout_is_threshold == composed["dots_rr"].algorithm.rollout_correction \
+        .rollout_is_threshold
+    assert cfg.data.gen_batch_size == 2
+
+
+def test_configure_replay_keeps_explicit_rollout_is(composed):
+    cfg = _cfg(composed, algorithm__rollout_correction__rollout_is="sequence",
+               algorithm__rollout_correction__rollout_is_threshold=5.0)
+    configure_replay(cfg)
+    assert cfg.algorithm.rollout_correction.rollout_is == "sequence"
+    assert cfg.algorithm.rollout_correction.rollout_is_threshold == 5.0
+
+
+def test_configure_replay_explicit_gen_batch_size(composed):
+    ok = _cfg(composed, data__gen_batch_size=1)
+    configure_replay(ok)
+    assert ok.data.gen_batch_size == 1
+    with pytest.raises(ConfigError, match=r"data\.gen_batch_size=3 must divide both"):
+        configure_replay(_cfg(composed, data__gen_batch_size=3))
+
+
+@pytest.mark.parametrize("edits,named", [
+    ({"actor_rollout_ref__rollout__calculate_log_probs": False}, r"actor_rollout_ref\.rollout\.calculate_log_probs"),
+    ({"algorithm__rollout_correction__bypass_mode": True}, r"algorithm\.rollout_correction\.bypass_mode"),
+    ({"replay__foo": 1}, r"replay\.foo"),
+    ({"replay__capacity": 0}, r"replay\.capacity"),
+    ({"replay__truncation": 0.5}, r"replay\.truncation"),
+    ({"replay__correction": "ppo"}, r"replay\.correction"),
+])
+def test_configure_replay_errors_name_the_key(composed, edits, named):
+    with pytest.raises(ConfigError, match=named):
+        configure_replay(_cfg(composed, **edits))
