@@ -48,6 +48,7 @@ import torch
 from omegaconf import open_dict
 
 import recipe.algos  # noqa: F401  (registers advantage estimators and policy losses)
+from recipe.eval import validation_metrics
 from recipe.rollout_replay import REPLAYED
 from recipe.sampler import SKIP_UPDATE
 from recipe.selection import DotsConfig, DotsStage
@@ -175,6 +176,22 @@ class RecipeTrainer(PPOTrainerSync):
             ratio = effective_ratio([batch.keys[i].split("_")[0] for i in fresh], fields)
             if ratio is not None:
                 metrics["dots/effective_ratio"] = ratio
+
+    def _val_metrics_update(self, data_sources, sample_uids, reward_extra_infos_dict, sample_turns,
+                            expected_acc_counts=None):
+        """verl's validation metrics plus ``val/<data_source>/avg@n`` and ``pass@j`` (j in 1, n;
+        n = ``rollout.val_kwargs.n``): the names ``python -m recipe.eval`` reports (without ``val/``)."""
+        metrics = super()._val_metrics_update(data_sources, sample_uids, reward_extra_infos_dict, sample_turns,
+                                              expected_acc_counts=expected_acc_counts)
+        accs = reward_extra_infos_dict.get("acc")
+        if accs is not None and len(accs) == len(sample_uids) and None not in accs:
+            n = int(self.config.actor_rollout_ref.rollout.val_kwargs.n)
+            try:
+                metrics.update(validation_metrics(list(data_sources), list(sample_uids), [float(a) for a in accs],
+                                                  pass_ks=sorted({1, n})))
+            except ValueError as e:  # e.g. prompts with unequal response counts
+                logger.warning("val/* avg@k / pass@k metrics skipped: %s", e)
+        return metrics
 
     # ------------------------------------------------------------------ state
     def _state_path(self, global_steps: int) -> str:

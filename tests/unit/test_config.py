@@ -22,7 +22,9 @@ from recipe.main import ConfigError, check_config, prepare_data
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
-YAML_FILES = sorted(CONF_DIR.rglob("*.yaml"))
+# conf/eval.yaml and conf/eval/ are python -m recipe.eval's own config (tests/unit/test_eval.py)
+EVAL_YAMLS = {CONF_DIR / "eval.yaml", *(CONF_DIR / "eval").rglob("*.yaml")}
+YAML_FILES = sorted(p for p in CONF_DIR.rglob("*.yaml") if p not in EVAL_YAMLS)
 # conf/config.yaml's defaults list (checked in test_default_config)
 DEFAULT_CHOICES = {"data": "gsm8k", "model": "tiny", "recipe": "grpo", "device": "cpu"}
 

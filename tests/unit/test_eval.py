@@ -1,0 +1,392 @@
+"""Tests of recipe.eval without generation: metrics on hand-computed examples, the config
+(conf/eval.yaml and conf/eval/), errors naming what is wrong, benchmark loading, the
+checkpoint merge (on a synthetic one-rank FSDP checkpoint) and the resume bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from recipe import data as rd
+from recipe import eval as ev
+from recipe.main import ConfigError
+from tests.paths import DATA, require
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO_ROOT / "conf"
+EVAL_YAMLS = [CONF_DIR / "eval.yaml", *sorted((CONF_DIR / "eval").glob("*.yaml"))]
+
+
+# --------------------------------------------------------------------------------------
+# pass@k, avg@k
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "n,c,k,expected",
+    [
+        (4, 1, 1, 0.25),
+        (4, 1, 2, 0.5),  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+        (5, 2, 3, 0.9),  # 1 - C(3,3)/C(5,3) = 1 - 1/10
+        (16, 0, 1, 0.0),
+        (16, 0, 16, 0.0),
+        (4, 3, 2, 1.0),  # n - c = 1 < k = 2: every draw of 2 holds a correct one
+        (4, 4, 4, 1.0),
+        (16, 4, 1, 0.25),
+        (10, 3, 2, 1 - 21 / 45),  # 1 - C(7,2)/C(10,2)
+    ],
+)
+def test_pass_at_k_hand_values(n, c, k, expected):
+    assert ev.pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_equals_the_binomial_formula_and_pass1_is_c_over_n():
+    for n in range(1, 21):
+        for c in range(n + 1):
+            assert ev.pass_at_k(n, c, 1) == pytest.approx(c / n, abs=1e-12)
+            for k in range(1, n + 1):
+                exact = 1 - math.comb(n - c, k) / math.comb(n, k)
+                assert ev.pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-12), (n, c, k)
+    # large n: the product form stays finite where C(n, k) would overflow a float
+    assert ev.pass_at_k(2000, 1, 1000) == pytest.approx(0.5, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [((4, 5, 1), "c must be in"), ((4, -1, 1), "c must be in"), ((4, 1, 5), "k must be in"),
+     ((4, 1, 0), "k must be in"), ((0, 0, 1), "n must be"), ((4.0, 1, 1), "n must be an integer"),
+     ((4, True, 1), "c must be an integer")],
+)
+def test_pass_at_k_rejects_bad_counts(args, match):
+    with pytest.raises(ValueError, match=match):
+        ev.pass_at_k(*args)
+
+
+def test_avg_at_k():
+    assert ev.avg_at_k([[1, 0, 0, 1], [1, 1, 1, 1]]) == 0.75
+    assert ev.avg_at_k([[0.0, 0.0], [0.0, 1.0]]) == 0.25
+    # per-problem means are averaged (not pooled samples): (1 + 0.5) / 2
+    assert ev.avg_at_k([[1], [0, 0, 1, 1]]) == 0.75
+    with pytest.raises(ValueError, match="no problems"):
+        ev.avg_at_k([])
+    with pytest.raises(ValueError, match="problem 1 has no samples"):
+        ev.avg_at_k([[1], []])
+    with pytest.raises(ValueError, match=r"problem 0 has an accuracy outside \[0, 1\]"):
+        ev.avg_at_k([[1.5, 0]])
+
+
+def _records(bench, problems):
+    return [{"benchmark": bench, "index": i, "acc": a} for i, accs in enumerate(problems) for a in accs]
+
+
+def test_benchmark_metrics_two_benchmarks():
+    # A: c = 1 and 2 of k = 4; B: c = 4 and 0
+    recs = _records("A", [[1, 0, 0, 0], [0, 1, 1, 0]]) + _records("B", [[1, 1, 1, 1], [0, 0, 0, 0]])
+    m = ev.benchmark_metrics(recs, pass_ks=[1, 2])
+    a_pass2 = ((1 - 3 / 6) + (1 - 1 / 6)) / 2  # 1 - C(3,2)/C(4,2), 1 - C(2,2)/C(4,2)
+    expected = {
+        "A/avg@4": 0.375, "A/pass@1": 0.375, "A/pass@2": a_pass2,
+        "B/avg@4": 0.5, "B/pass@1": 0.5, "B/pass@2": 0.5,
+        "average/avg@4": 0.4375, "average/pass@1": 0.4375, "average/pass@2": (a_pass2 + 0.5) / 2,
+    }
+    assert m.keys() == expected.keys()
+    for key, value in expected.items():
+        assert m[key] == pytest.approx(value, abs=1e-12), key
+    assert ev.benchmark_metrics([], [1]) == {}
+
+
+def test_benchmark_metrics_errors():
+    with pytest.raises(ValueError, match=r"A: problems have different numbers of samples \[2, 4\]"):
+        ev.benchmark_metrics(_records("A", [[1, 0, 0, 0], [1, 0]]))
+    with pytest.raises(ValueError, match=r"different samples per problem \[2, 4\]"):
+        ev.benchmark_metrics(_records("A", [[1, 0, 0, 0]]) + _records("B", [[1, 0]]))
+    with pytest.raises(ValueError, match="accuracy 0.5; pass@k needs 0 or 1"):
+        ev.benchmark_metrics(_records("A", [[0.5, 1]]))
+    with pytest.raises(ValueError, match=r"pass@4 needs 1 <= 4 <= n = 2"):
+        ev.benchmark_metrics(_records("A", [[1, 0]]), pass_ks=[1, 4])
+    with pytest.raises(ValueError, match="record 0: missing key 'index'"):
+        ev.benchmark_metrics([{"benchmark": "A", "acc": 1}])
+    with pytest.raises(ValueError, match=r"record 0 \(A, problem 3\): accuracy 2 is outside"):
+        ev.benchmark_metrics([{"benchmark": "A", "index": 3, "acc": 2}])
+
+
+def test_validation_metrics_hand_example_and_same_names_as_eval():
+    sources = ["gsm8k"] * 4 + ["math500"] * 4
+    uids = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    accs = [1, 0, 0, 0, 1, 1, 1, 0]
+    m = ev.validation_metrics(sources, uids, accs, pass_ks=[1, 2])
+    expected = {
+        "val/gsm8k/avg@2": 0.25, "val/gsm8k/pass@1": 0.25, "val/gsm8k/pass@2": 0.5,  # a: 1 of 2 -> 1; b: 0
+        "val/math500/avg@2": 0.75, "val/math500/pass@1": 0.75, "val/math500/pass@2": 1.0,
+        "val/average/avg@2": 0.5, "val/average/pass@1": 0.5, "val/average/pass@2": 0.75,
+    }
+    assert m == pytest.approx(expected, abs=1e-12) and m.keys() == expected.keys()
+    # an evaluation key X is the validation key val/X
+    recs = [{"benchmark": s, "index": u, "acc": a} for s, u, a in zip(sources, uids, accs)]
+    assert {f"val/{k}": v for k, v in ev.benchmark_metrics(recs, [1, 2]).items()} == m
+    # order of responses does not matter; numpy values are accepted
+    import numpy as np
+
+    perm = [7, 0, 5, 2, 4, 1, 6, 3]
+    m2 = ev.validation_metrics([sources[i] for i in perm], np.array(uids)[perm], np.array(accs, dtype=np.float32)[perm],
+                               [1, 2])
+    assert m2 == pytest.approx(m)
+
+
+def test_validation_metrics_errors():
+    with pytest.raises(ValueError, match="same length, got 2, 2, 1"):
+        ev.validation_metrics(["a", "a"], [1, 1], [1])
+    with pytest.raises(ValueError, match=r"pass@2 needs 1 <= 2 <= n = 1"):
+        ev.validation_metrics(["a"], [1], [1.0], pass_ks=[1, 2])
+    with pytest.raises(ValueError, match=r"response 1 \(a, uid 1\): accuracy -1"):
+        ev.validation_metrics(["a", "a"], [1, 1], [1, -1])
+    assert ev.validation_metrics([], [], []) == {}
+
+
+def test_check_pass_ks():
+    assert ev.check_pass_ks([1, 4, 4, 16], 16) == [1, 4, 16]
+    with pytest.raises(ConfigError, match=r"pass_k=\[1, 8\]: pass@8 needs 1 <= 8 <= k = 4"):
+        ev.check_pass_ks([1, 8], 4)
+    with pytest.raises(ConfigError, match="pass_k: '2' is not an integer"):
+        ev.check_pass_ks(["2"], 4)
+
+
+# --------------------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compose():
+    GlobalHydra.instance().clear()
+    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+
+        def _compose(*overrides: str) -> DictConfig:
+            return hydra.compose("eval", overrides=list(overrides))
+
+        yield _compose
+
+
+def test_benchmark_names_are_recipe_data_names():
+    assert set(ev.BENCHMARKS) == {"gsm8k", "math500", "minerva_math", "olympiadbench", "aime24", "amc23"}
+    assert all(rd.DATASETS[b].splits.get("test") for b in ev.BENCHMARKS)
+
+
+def test_eval_yaml_defaults(compose, tmp_path):
+    cfg = compose(f"model_path={tmp_path}")
+    ev.check_config(cfg)
+    assert list(cfg.benchmarks) == ["math500", "minerva_math", "olympiadbench", "aime24", "amc23", "gsm8k"]
+    assert (cfg.k, list(cfg.pass_k), cfg.temperature, cfg.template, cfg.backend) == (4, [1, 4], 1.0, "boxed", "auto")
+    assert cfg.max_problems == 8 and cfg.resume is True and cfg.paths.data.endswith("/data")
+    assert cfg.hf_num_threads == 1 and cfg.hf_dtype == "float32" and cfg.out_dir is None
+
+
+def test_paper_preset(compose, tmp_path):
+    cfg = compose("eval=paper", f"checkpoint={tmp_path}")
+    ev.check_config(cfg)
+    assert list(cfg.benchmarks) == ["math500", "minerva_math", "olympiadbench"]
+    assert (cfg.k, cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.max_problems) == (16, 1.0, 1.0, 3072, None)
+
+
+@pytest.mark.parametrize("path", EVAL_YAMLS, ids=lambda p: p.relative_to(CONF_DIR).as_posix())
+def test_eval_yamls_start_with_their_command(path):
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    commands = [line for line in header if "python -m recipe.eval" in line]
+    assert commands and any("Command:" in line for line in commands), path
+    if path.parent.name == "eval":
+        assert any(f"eval={path.stem}" in line for line in commands), path
+
+
+def _err(compose, *overrides) -> str:
+    with pytest.raises(ConfigError) as exc:
+        ev.check_config(compose(*overrides))
+    return str(exc.value)
+
+
+def test_config_errors_name_the_key(compose, tmp_path):
+    m = f"model_path={tmp_path}"
+    msg = _err(compose, m, "benchmarks=[math500,minerva]")
+    assert "unknown benchmark 'minerva'" in msg
+    assert all(b in msg for b in ev.BENCHMARKS)
+    msg = _err(compose, m, "k=4", "pass_k=[1,8]")
+    assert "pass_k=[1, 8]" in msg and "k = 4" in msg
+    assert "exactly one of model_path" in _err(compose)
+    assert "exactly one of model_path" in _err(compose, m, f"checkpoint={tmp_path}")
+    assert "k must be an integer >= 1, got 0" in _err(compose, m, "k=0")
+    assert "top_p must be in (0, 1], got 0" in _err(compose, m, "top_p=0")
+    assert "temperature must be >= 0" in _err(compose, m, "temperature=-1")
+    assert "max_problems must be >= 1" in _err(compose, m, "max_problems=0")
+    assert "hf_num_threads must be >= 1" in _err(compose, m, "hf_num_threads=0")
+    assert "backend must be auto, hf or vllm, got 'sglang'" in _err(compose, m, "backend=sglang")
+    assert "template: prompt template 'fancy'" in _err(compose, m, "template=fancy")
+    assert "benchmarks is empty" in _err(compose, m, "benchmarks=[]")
+    assert "pass_k is empty" in _err(compose, m, "pass_k=[]")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_vllm_backend_needs_a_gpu():
+    assert ev.pick_backend("auto") == "hf" and ev.pick_backend("hf") == "hf"
+    with pytest.raises(ConfigError, match="backend=vllm needs a CUDA GPU"):
+        ev.pick_backend("vllm")
+
+
+def test_evaluate_bad_paths_fail_before_any_work(compose, tmp_path):
+    missing = tmp_path / "runs" / "x" / "global_step_9"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"checkpoint: {missing} does not exist")):
+        ev.evaluate(compose(f"checkpoint={missing}", f"paths.artifacts={tmp_path / 'art'}"))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"model_path: {missing} does not exist")):
+        ev.evaluate(compose(f"model_path={missing}", f"paths.artifacts={tmp_path / 'art'}"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"model_path: {tmp_path / 'empty'} is not an HF model")):
+        ev.evaluate(compose(f"model_path={tmp_path / 'empty'}", f"paths.artifacts={tmp_path / 'art'}"))
+    assert not (tmp_path / "art").exists()  # nothing prepared or written
+
+
+# --------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------
+def test_checkpoint_without_shards(tmp_path):
+    step = tmp_path / "global_step_3"
+    (step / "actor" / "huggingface").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as exc:
+        ev.checkpoint_actor_dir(step)
+    assert str(step) in str(exc.value) and "no FSDP model shards" in str(exc.value)
+    f = tmp_path / "file.pt"
+    f.write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        ev.checkpoint_actor_dir(f)
+
+
+@pytest.fixture(scope="module")
+def fake_checkpoint(tmp_path_factory):
+    """A one-rank FSDP checkpoint as verl lays it out: plain (non-DTensor) shards of a tiny model."""
+    from transformers import AutoModelForCausalLM
+
+    from recipe.models import build_tiny_model
+
+    require(DATA / "gsm8k" / "train.jsonl")
+    root = tmp_path_factory.mktemp("ckpt")
+    model_dir = build_tiny_model(root / "tiny", vocab_size=512, max_train_rows=100)
+    actor = root / "run" / "global_step_2" / "actor"
+    (actor / "huggingface").mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, actor / "huggingface" / f.name)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.save(model.state_dict(), actor / "model_world_size_1_rank_0.pt")
+    (actor / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": 1}))
+    return actor.parent, model
+
+
+def test_merge_checkpoint_then_reuse(fake_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    step, original = fake_checkpoint
+    merged = ev.merge_checkpoint(step)
+    assert merged == step / "actor" / ev.MERGED_DIR
+    assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
+    assert not list((step / "actor").glob(f".{ev.MERGED_DIR}.tmp-*"))  # temporary folder renamed
+    loaded = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    ref = original.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        # verl's merger stores bfloat16: equal to the bf16 rounding of the original
+        assert torch.equal(tensor, ref[name].to(torch.bfloat16).float()), name
+    mtime = (merged / "model.safetensors").stat().st_mtime_ns
+    assert ev.merge_checkpoint(step / "actor") == merged  # the actor folder works too; cached
+    assert (merged / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_merge_checkpoint_missing_pieces(fake_checkpoint, tmp_path):
+    step, _ = fake_checkpoint
+    broken = tmp_path / "global_step_2"
+    shutil.copytree(step, broken, ignore=shutil.ignore_patterns(ev.MERGED_DIR))
+    (broken / "actor" / "fsdp_config.json").write_text(json.dumps({"world_size": 2}))
+    (broken / "actor" / "model_world_size_1_rank_0.pt").rename(broken / "actor" / "model_world_size_2_rank_0.pt")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{broken / 'actor'}/model_world_size_2_rank_1.pt")):
+        ev.merge_checkpoint(broken)
+    shutil.rmtree(broken / "actor" / "huggingface")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{broken / 'actor' / 'huggingface'}/config.json")):
+        ev.merge_checkpoint(broken)
+
+
+# --------------------------------------------------------------------------------------
+# benchmarks
+# --------------------------------------------------------------------------------------
+def test_load_benchmark_prepares_on_demand(tmp_path):
+    require(DATA / "aime24" / "test.jsonl", DATA / "math500" / "test.jsonl")
+    probs = ev.load_benchmark("aime24", tmp_path, max_problems=2)
+    assert (tmp_path / "aime24" / "test.parquet").is_file()
+    assert [(p.index, p.problem_id, p.gold) for p in probs] == [(0, "60", "204"), (1, "61", "113")]
+    assert probs[0].messages[-1]["content"].endswith("put your final answer within \\boxed{}.")
+    math500 = ev.load_benchmark("math500", tmp_path)
+    assert len(math500) == 500 and math500[0].problem_id == "test/precalculus/807.json"
+    assert math500[1].gold == "p - q"
+
+
+def test_load_benchmark_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError) as exc:
+        ev.load_benchmark("amc23", tmp_path, prepare=False)
+    assert str(tmp_path / "amc23" / "test.parquet") in str(exc.value)
+    with pytest.raises(ConfigError, match="unknown benchmark 'minerva'; valid names: gsm8k"):
+        ev.load_benchmark("minerva", tmp_path)
+    # a missing source file is named
+    monkeypatch.setenv("RECIPE_SHARED_DIR", str(tmp_path / "no_shared"))
+    with pytest.raises(FileNotFoundError) as exc:
+        ev.load_benchmark("amc23", tmp_path)
+    assert "benchmark amc23" in str(exc.value) and str(tmp_path / "no_shared" / "data" / "amc23" / "test.jsonl") in str(
+        exc.value
+    )
+
+
+def test_load_benchmark_rejects_another_template(tmp_path):
+    require(DATA / "aime24" / "test.jsonl")
+    ev.load_benchmark("aime24", tmp_path, template="boxed")
+    path = tmp_path / "aime24" / "test.parquet"
+    for template in ("plain", "qwen_math_cot"):
+        with pytest.raises(ConfigError) as exc:
+            ev.load_benchmark("aime24", tmp_path, template=template)
+        assert str(path) in str(exc.value) and "row 0" in str(exc.value) and f"template={template!r}" in str(exc.value)
+
+
+# --------------------------------------------------------------------------------------
+# outputs
+# --------------------------------------------------------------------------------------
+def test_read_samples_keeps_complete_problems_only(tmp_path, caplog):
+    path = tmp_path / "samples.jsonl"
+    lines = [
+        {"benchmark": "gsm8k", "index": 0, "sample": 0, "acc": 1.0},
+        {"benchmark": "gsm8k", "index": 0, "sample": 1, "acc": 0.0},
+        {"benchmark": "gsm8k", "index": 1, "sample": 0, "acc": 0.0},  # sample 1 missing
+        {"benchmark": "aime24", "index": 5, "sample": 1, "acc": 0.0},
+        {"benchmark": "aime24", "index": 5, "sample": 0, "acc": 1.0},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in lines) + '\n{"benchmark": "gsm8k", "ind\n')
+    with caplog.at_level("WARNING"):
+        kept, done = ev._read_samples(path, k=2)
+    assert done == {("gsm8k", 0), ("aime24", 5)}
+    assert [(r["benchmark"], r["index"], r["sample"]) for r in kept] == [
+        ("aime24", 5, 0), ("aime24", 5, 1), ("gsm8k", 0, 0), ("gsm8k", 0, 1)]
+    assert "line 6 is not a sample record" in caplog.text
+    assert ev._read_samples(tmp_path / "none.jsonl", 2) == ([], set())
+
+
+def test_markdown_table():
+    metrics = {"A/avg@4": 0.375, "A/pass@1": 0.375, "A/pass@2": 0.6667, "B/avg@4": 0.5, "B/pass@1": 0.5,
+               "B/pass@2": 0.5, "average/avg@4": 0.4375, "average/pass@1": 0.4375, "average/pass@2": 0.58335}
+    counts = {"A": {"problems": 2, "answered": 0.5, "truncated": 0.25, "tokens": 10.0},
+              "B": {"problems": 3, "answered": 1.0, "truncated": 0.0, "tokens": 20.0}}
+    lines = ev.markdown_table(metrics, counts, 4, [1, 2]).splitlines()
+    assert lines[0] == ("| benchmark | problems | k | avg@4 (%) | pass@1 (%) | pass@2 (%) | answered (%) "
+                        "| truncated (%) | mean tokens |")
+    assert lines[2] == "| A | 2 | 4 | 37.5 | 37.5 | 66.7 | 50.0 | 25.0 | 10.0 |"
+    assert lines[3] == "| B | 3 | 4 | 50.0 | 50.0 | 50.0 | 100.0 | 0.0 | 20.0 |"
+    assert lines[4] == "| **average** | 5 | 4 | 43.8 | 43.8 | 58.3 | 75.0 | 12.5 | 15.0 |"
