@@ -21,20 +21,21 @@ are generated for the eval prompts and graded with the project's math grader
 ``benchmarks/learning_setup.py`` lands a warm start whose starting accuracy lies in a
 target band (a partially trained model, so RL has something left to learn).
 
-Why transformers' ``Trainer``: it is the maintained trainer that runs here out of the
-box (``accelerate`` comes with verl) and trains this tiny model on 2 CPU cores at
-~40 steps/s. verl 0.9.1's own SFT trainer (``verl.trainer.sft_trainer``) was the first
-choice but needs ``torchrun`` and a process group, its FSDP engine, a checkpoint format
-that has to be converted back to an HF directory by ``verl.model_merger``, and remove-
-padding / dynamic-batch defaults built for GPUs; none of this project's CPU patches
-cover that path, so it would be a second CPU port for a job of ~1 minute. A plain torch
-loop would duplicate what ``Trainer`` already does (batching, AdamW, seeding, logging).
+Why transformers' ``Trainer``: it is a maintained trainer that runs here as it is
+(``accelerate`` comes with verl) and has the callback hook the accuracy-based stop needs.
+verl 0.9.1's own SFT trainer (``verl.trainer.sft_trainer``) was considered first and not
+used: it must run under ``torchrun`` (``initialize_global_process_group``) with verl's
+FSDP engine, reads a different layout (a ``messages`` column holding the assistant turn,
+``MultiTurnSFTDataset``), and its ``fit()`` is one loop without callbacks, so stopping
+at an accuracy would mean forking it or relaunching it in chunks with resume. It was not
+run on CPU here. A plain torch loop would re-implement what ``Trainer`` already does
+(batching, AdamW, warm-up, seeding, logging).
 
 Command line::
 
-    python -m recipe.sft --model artifacts/models/tiny --data sft.parquet --out warm \\
-        --steps 600 --lr 1e-3 --batch-size 32 \\
-        [--eval-data dev.parquet --eval-every 25 --stop-at-acc 0.3 --eval-temperature 1.0]
+    python -m recipe.sft --model BASE --data arith/train.parquet --out warm \\
+        --response-template '{solution}' --steps 1500 --lr 2e-3 --batch-size 32 \\
+        [--eval-data arith/test.parquet --eval-every 10 --stop-at-acc 0.3 --eval-temperature 1.0]
 
 Writes ``OUT`` atomically (a temporary folder renamed into place) with
 ``sft_info.json`` (settings, loss and accuracy history, the step it stopped at).
@@ -196,10 +197,14 @@ def load_pairs(
         if "{solution}" in response_template:
             sol = (row.get("extra_info") or {}).get("solution")
             if not isinstance(sol, str) or not sol:
-                raise DataError(f"{path}: row {i}: --response-template uses {{solution}} but extra_info.solution is missing")
+                raise DataError(
+                    f"{path}: row {i}: the response template uses {{solution}} but extra_info.solution is missing"
+                )
             response = response.replace("{solution}", sol)
         messages = [{"role": m["role"], "content": m["content"]} for m in row["prompt"]]
-        pairs.append({"messages": messages, "response": response, "ground_truth": gt, "data_source": row["data_source"]})
+        pairs.append(
+            {"messages": messages, "response": response, "ground_truth": gt, "data_source": row["data_source"]}
+        )
     return pairs
 
 

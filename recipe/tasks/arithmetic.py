@@ -8,10 +8,12 @@ operands of ``min_digits``..``max_digits`` digits; the prompt asks for the answe
 :data:`recipe.data.COLUMNS` and are written with :func:`recipe.data.write_parquet`::
 
     data_source   "arithmetic"
-    prompt        [{"role": "user", "content": "What is 37+58? Put your final answer within \\boxed{}."}]
+    prompt        [{"role": "system", "content": "Please reason step by step, and put your final
+                                         answer within \\boxed{}."},
+                   {"role": "user", "content": "What is 37+58?"}]
     ability       "math"
     reward_model  {"style": "rule", "ground_truth": "95"}
-    extra_info    {"split": "train", "index": 0, "question": "37+58", "answer": "95",
+    extra_info    {"split": "train", "index": 0, "question": "What is 37+58?", "answer": "95",
                    "op": "+", "a": 37, "b": 58, "solution": "7+8=15 3+5+1=9 \\boxed{95}"}
 
 ``extra_info.solution`` (:func:`solution`) is a worked column-by-column solution: the
@@ -63,6 +65,7 @@ __all__ = [
     "main",
     "make_splits",
     "problem_key",
+    "question",
     "sample_problems",
     "solution",
     "space_size",
@@ -77,9 +80,12 @@ DATA_SOURCE = "arithmetic"
 #: Supported operations.
 OPS: tuple[str, ...] = ("+", "-", "*")
 
-#: Default prompt: the problem, then the ``\\boxed{}`` instruction (no "step by step":
-#: the warm start answers directly, which keeps responses a few tokens long).
-TEMPLATE = "What is {problem}? Put your final answer within \\boxed{}."
+#: Default prompt template: :data:`recipe.data.TEMPLATES` ``qwen_math_cot`` (the
+#: Qwen2.5-Math evaluation prompt: the step-by-step / ``\\boxed{}`` instruction as the
+#: system message, the question ``What is 37+58?`` as the user message). Shorter than
+#: ``boxed``, whose user-only prompt makes the chat template add Qwen's default system
+#: prompt: 66 -> ~35 prompt tokens with the task's tokenizer, the bulk of a CPU step.
+TEMPLATE = "qwen_math_cot"
 
 
 @dataclass(frozen=True)
@@ -241,6 +247,11 @@ def make_splits(
     return train, test
 
 
+def question(p: Problem) -> str:
+    """The problem as asked in the prompt (``{problem}`` of the template): ``What is 37+58?``."""
+    return f"What is {p.text}?"
+
+
 def target_response(ground_truth: Any) -> str:
     """The shortest correct response: ``\\boxed{<ground truth>}``."""
     return f"\\boxed{{{ground_truth}}}"
@@ -277,13 +288,13 @@ def to_record(
     answer = str(p.answer)
     return {
         "data_source": DATA_SOURCE,
-        "prompt": tmpl.messages(p.text),
+        "prompt": tmpl.messages(question(p)),
         "ability": "math",
         "reward_model": {"style": "rule", "ground_truth": answer},
         "extra_info": {
             "split": split,
             "index": index,
-            "question": p.text,
+            "question": question(p),
             "answer": answer,
             "op": p.op,
             "a": p.a,
@@ -314,7 +325,9 @@ def write_splits(
     train, test = make_splits(n_train, n_test, seed, spec)
     out = Path(out_dir)
     return {
-        split: write_parquet([to_record(p, split, i, template) for i, p in enumerate(problems)], out / f"{split}.parquet")
+        split: write_parquet(
+            [to_record(p, split, i, template) for i, p in enumerate(problems)], out / f"{split}.parquet"
+        )
         for split, problems in (("train", train), ("test", test))
     }
 
@@ -332,7 +345,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-digits", type=int, default=2)
     p.add_argument("--ops", default="+", help="operations, e.g. '+' or '+-*' (default '+')")
     p.add_argument("--allow-negative", action="store_true", help="allow a-b with a < b")
-    p.add_argument("--template", default=TEMPLATE, help="prompt template containing {problem}, or a recipe.data preset")
+    p.add_argument(
+        "--template",
+        default=TEMPLATE,
+        help=f"recipe.data preset or a user-message template containing {{problem}} (default {TEMPLATE})",
+    )
     return p
 
 

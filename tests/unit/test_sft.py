@@ -51,7 +51,8 @@ def test_load_pairs_builds_boxed_targets(data):
     assert [p["ground_truth"] for p in pairs] == [str(p.answer) for p in test]
     assert [p["response"] for p in pairs] == [f"\\boxed{{{p.answer}}}" for p in test]
     assert pairs[0]["messages"] == [
-        {"role": "user", "content": f"What is {test[0].text}? Put your final answer within \\boxed{{}}."}
+        {"role": "system", "content": "Please reason step by step, and put your final answer within \\boxed{}."},
+        {"role": "user", "content": f"What is {test[0].text}?"},
     ]
     assert {p["data_source"] for p in pairs} == {"arithmetic"}
     custom = sft.load_pairs(data["test"], "The answer is \\boxed{{answer}}.")
@@ -84,7 +85,7 @@ def test_load_pairs_rejects_a_non_verl_file(tmp_path):
 
 
 def test_encode_pair_masks_the_prompt_and_ends_with_eos(tokenizer):
-    messages = [{"role": "user", "content": "What is 37+58? Put your final answer within \\boxed{}."}]
+    messages = ar.to_record(ar.Problem(37, "+", 58), "test", 0)["prompt"]
     enc = sft.encode_pair(tokenizer, messages, "\\boxed{95}")
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -114,10 +115,8 @@ class _FixedModel:
 
 def test_evaluate_accuracy_grades_with_the_math_grader(tokenizer):
     pairs = [
-        {"messages": [{"role": "user", "content": "What is 37+58?"}], "ground_truth": "95", "data_source": "arithmetic"},
-        {"messages": [{"role": "user", "content": "What is 3+4?"}], "ground_truth": "7", "data_source": "arithmetic"},
-        {"messages": [{"role": "user", "content": "What is 90+5?"}], "ground_truth": "95", "data_source": "arithmetic"},
-        {"messages": [{"role": "user", "content": "What is 1+1?"}], "ground_truth": "2", "data_source": "arithmetic"},
+        {"messages": [{"role": "user", "content": f"What is {q}?"}], "ground_truth": gt, "data_source": "arithmetic"}
+        for q, gt in (("37+58", "95"), ("3+4", "7"), ("90+5", "95"), ("1+1", "2"))
     ]
     model = _FixedModel(tokenizer, "\\boxed{95}")
     assert sft.evaluate_accuracy(model, tokenizer, pairs, temperature=1.0, samples=3) == 0.5
@@ -158,7 +157,9 @@ def test_sft_loss_decreases_and_saves_a_loadable_model(model_dir, data, tmp_path
 
 
 def test_stop_at_acc_stops_at_the_first_evaluation(model_dir, data, tmp_path):
-    cfg = sft.SFTConfig(steps=30, lr=1e-3, batch_size=8, eval_every=5, stop_at_acc=0.0, eval_max_new_tokens=4, threads=1)
+    cfg = sft.SFTConfig(
+        steps=30, lr=1e-3, batch_size=8, eval_every=5, stop_at_acc=0.0, eval_max_new_tokens=4, threads=1
+    )
     res = sft.train_sft(model_dir, data["train"], tmp_path / "w", cfg, eval_data=data["test"], verbose=False)
     assert res.steps == 5 and res.stopped_early
     assert [e["step"] for e in res.evals] == [5]
@@ -174,5 +175,6 @@ def test_bad_settings_are_rejected(model_dir, data, tmp_path):
         sft.train_sft(model_dir, data["train"], tmp_path / "w", sft.SFTConfig(eval_every=5), verbose=False)
     with pytest.raises(FileNotFoundError, match="config.json"):
         sft.train_sft(tmp_path, data["train"], tmp_path / "w", verbose=False)
-    assert sft.main(["--model", str(model_dir), "--data", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "o")]) == 1
+    argv = ["--model", str(model_dir), "--data", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "o")]
+    assert sft.main(argv) == 1
     assert not (tmp_path / "o").exists()

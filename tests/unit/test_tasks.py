@@ -161,15 +161,18 @@ def test_record_layout():
     assert set(rec) == set(COLUMNS)
     assert rec["data_source"] == "arithmetic"
     assert rec["prompt"] == [
-        {"role": "user", "content": "What is 37+58? Put your final answer within \\boxed{}."}
+        {"role": "system", "content": "Please reason step by step, and put your final answer within \\boxed{}."},
+        {"role": "user", "content": "What is 37+58?"},
     ]
     assert rec["ability"] == "math"
     assert rec["reward_model"] == {"style": "rule", "ground_truth": "95"}
     assert rec["extra_info"] == {
-        "split": "train", "index": 7, "question": "37+58", "answer": "95", "op": "+", "a": 37, "b": 58,
+        "split": "train", "index": 7, "question": "What is 37+58?", "answer": "95", "op": "+", "a": 37, "b": 58,
         "solution": "7+8=15 3+5+1=9 \\boxed{95}",
     }
     assert ar.target_response("95") == "\\boxed{95}"
+    user_only = ar.to_record(Problem(1, "+", 2), "test", 0, template="Q: {problem}")
+    assert user_only["prompt"] == [{"role": "user", "content": "Q: What is 1+2?"}]
 
 
 def test_write_splits_and_cli(tmp_path):
@@ -178,7 +181,8 @@ def test_write_splits_and_cli(tmp_path):
     assert validate_verl_parquet(paths["test"]) == 10
     rows = pq.read_table(paths["test"]).to_pylist()
     _, test = ar.make_splits(40, 10, seed=2, spec=ADD2)
-    assert [r["extra_info"]["question"] for r in rows] == [p.text for p in test]
+    assert [r["extra_info"]["question"] for r in rows] == [f"What is {p.text}?" for p in test]
+    assert [r["prompt"][-1]["content"] for r in rows] == [f"What is {p.text}?" for p in test]
     assert [r["extra_info"]["index"] for r in rows] == list(range(10))
     assert {r["extra_info"]["split"] for r in rows} == {"test"}
 
@@ -200,3 +204,40 @@ def test_answers_are_graded_by_the_math_reward():
         wrong = compute_score(ar.DATA_SOURCE, ar.target_response(p.answer + 1), gt)
         assert wrong["acc"] == 0.0
     assert compute_score(ar.DATA_SOURCE, "95", "95")["has_answer"] == 0  # no box: no answer
+
+
+# --------------------------------------------------------- benchmarks/learning_setup.py
+
+
+def _learning_setup():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "learning_setup.py"
+    spec = importlib.util.spec_from_file_location("learning_setup", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["learning_setup"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_learning_setup_splits_are_disjoint_and_the_cache_key_tracks_settings(tmp_path):
+    ls = _learning_setup()
+    cfg = ls.LearningSetupConfig(n_train=30, n_test=20, n_sft=40, n_dev=10)
+    paths = ls.write_data(cfg, tmp_path)
+    rows = {s: pq.read_table(p).to_pylist() for s, p in paths.items()}
+    assert {s: len(r) for s, r in rows.items()} == {"sft": 40, "dev": 10, "train": 30, "test": 20}
+    seen = {}
+    for split, split_rows in rows.items():
+        for r in split_rows:
+            e = r["extra_info"]
+            key = ar.problem_key(Problem(e["a"], e["op"], e["b"]))
+            assert key not in seen, (key, split, seen.get(key))
+            seen[key] = split
+    # the RL validation split is the task's own test split for the seed
+    assert [r["extra_info"]["question"] for r in rows["test"]] == [
+        ar.question(p) for p in ar.make_splits(0, 20, 0, ADD2)[1]
+    ]
+    assert cfg.key() == ls.LearningSetupConfig(n_train=30, n_test=20, n_sft=40, n_dev=10).key()
+    assert cfg.key() != ls.LearningSetupConfig(n_train=30, n_test=20, n_sft=40, n_dev=10, sft_lr=1e-3).key()
