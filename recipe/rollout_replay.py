@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 import transfer_queue as tq
-from tensordict import NonTensorData, NonTensorStack
+from tensordict import NonTensorData, NonTensorStack, TensorDict
 from transfer_queue import KVBatchMeta
 
 from recipe.algos.replay import (
@@ -64,7 +64,7 @@ from recipe.algos.replay import (
     behaviour_weights,
     plain_old_log_prob,
 )
-from recipe.sampler import SKIP_UPDATE, GroupFilterReplayBuffer
+from recipe.sampler import SKIP_UPDATE, GroupFilterReplayBuffer, response_metric
 from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
 logger = logging.getLogger(__name__)
@@ -98,16 +98,6 @@ def sample_dicts(data) -> list[dict[str, Any]]:
 def prompt_key(prompt_ids: torch.Tensor) -> str:
     """Dedup key of a prompt: sha1 of its token ids (``prompts`` field, int64 ``[P]``)."""
     return hashlib.sha1(prompt_ids.to(torch.int64).numpy().tobytes()).hexdigest()
-
-
-def _acc_of(fields: dict[str, Any], metric: str) -> float:
-    info = (fields.get("extra_fields") or {}).get("reward_extra_info", {}) or {}
-    if metric not in info:
-        raise RuntimeError(
-            f"replay.metric={metric!r} is not among the reward function's outputs {sorted(info)}; "
-            "set replay.metric to one of them"
-        )
-    return float(info[metric])
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -239,16 +229,11 @@ class RolloutReplaySampler(GroupFilterReplayBuffer):
             return {"replay/is_weight_mean": 1.0} if self.enabled else {}
         keys = [k for k, _ in rows]
         data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=["old_log_probs"])
-        old = torch.nested.to_padded_tensor(data["old_log_probs"], 0.0) if data["old_log_probs"].is_nested \
-            else data["old_log_probs"]
-        mu = torch.nn.utils.rnn.pad_sequence([m.to(old.dtype) for _, m in rows], batch_first=True)
+        pad = torch.nn.utils.rnn.pad_sequence  # rows: pi_old and mu [T_i] of each replayed sample
+        old = pad([data["old_log_probs"][i] for i in range(len(rows))], batch_first=True)
+        mu = pad([m.to(old.dtype) for _, m in rows], batch_first=True)
         lengths = [int(m.numel()) for _, m in rows]
-        width = max(old.shape[1], mu.shape[1])
-        old = torch.nn.functional.pad(old, (0, width - old.shape[1]))
-        mu = torch.nn.functional.pad(mu, (0, width - mu.shape[1]))
-        mask = torch.zeros_like(old)
-        for i, n in enumerate(lengths):
-            mask[i, :n] = 1.0
+        mask = pad([torch.ones(n, dtype=old.dtype) for n in lengths], batch_first=True)
         w = behaviour_weights(old, mu, mask, truncation=self.replay_cfg.truncation)
         metrics = {"replay/is_weight_mean": float((w * mask).sum() / mask.sum().clamp_min(1.0))}
         if self.replay_cfg.correction == "plain":
@@ -256,8 +241,6 @@ class RolloutReplaySampler(GroupFilterReplayBuffer):
                                         truncation=self.replay_cfg.truncation)
             nested = torch.nested.as_nested_tensor([anchor[i, :n] for i, n in enumerate(lengths)],
                                                    layout=torch.jagged)
-            from tensordict import TensorDict
-
             tq.kv_batch_put(keys=keys, partition_id=batch.partition_id,
                             fields=TensorDict({"old_log_probs": nested}, batch_size=len(keys)))
         return metrics
@@ -269,8 +252,6 @@ class RolloutReplaySampler(GroupFilterReplayBuffer):
         rows = [(k, g) for k in batch.keys if (g := self._replayed.get(k)) is not None]
         if not rows:
             return
-        from tensordict import TensorDict
-
         adv = [g.payload["advantages"][g.payload["keys"].index(k)] for k, g in rows]
         tq.kv_batch_put(keys=[k for k, _ in rows], partition_id=batch.partition_id,
                         fields=TensorDict({"advantages": torch.nested.as_nested_tensor(adv, layout=torch.jagged)},
@@ -287,7 +268,7 @@ class RolloutReplaySampler(GroupFilterReplayBuffer):
         per_key = {k: (data["old_log_probs"][i].clone(), data["advantages"][i].clone()) for i, k in enumerate(keys)}
         groups = []
         for uid, ks, tags, rows in self._fresh:
-            accs = [_acc_of(r, self.replay_cfg.metric) for r in rows]
+            accs = [response_metric(r.get("extra_fields"), self.replay_cfg.metric, "replay.metric") for r in rows]
             payload = {
                 "keys": list(ks),
                 "tags": [{k: v for k, v in t.items() if k != REPLAYED} for t in tags],

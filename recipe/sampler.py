@@ -43,6 +43,33 @@ logger = logging.getLogger(__name__)
 SKIP_UPDATE = "skip_update"
 
 
+def reward_info(extra) -> dict:
+    """The reward function's dict (``reward_extra_info``) of one sample's verl ``extra_fields``
+    (a dict, a tensordict ``NonTensorData`` wrapping one, or None); ``{}`` when absent."""
+    extra = getattr(extra, "data", extra)
+    info = extra.get("reward_extra_info") if isinstance(extra, dict) else None
+    return info or {}
+
+
+def response_metric(extra, metric: str, key: str) -> float:
+    """Per-response value ``reward_extra_info[metric]`` of one sample's ``extra_fields``.
+
+    Args:
+        extra: the sample's verl ``extra_fields``.
+        metric: reward field name (e.g. ``acc``).
+        key: the config key that chose ``metric``, named in the error.
+
+    Raises:
+        RuntimeError: the reward function did not return ``metric``.
+    """
+    info = reward_info(extra)
+    if metric not in info:
+        raise RuntimeError(
+            f"{key}={metric!r} is not among the reward function's outputs {sorted(info)}; set {key} to one of them"
+        )
+    return float(info[metric])
+
+
 class GroupFilterReplayBuffer(ReplayBuffer):
     """verl's sync replay buffer plus a group filter (drop or refill).
 
@@ -84,16 +111,8 @@ class GroupFilterReplayBuffer(ReplayBuffer):
         if not keys:
             return {}
         data = tq.kv_batch_get(keys=keys, partition_id=partition_id, select_fields=["extra_fields"])
-        correct = []
-        for extra in list(data["extra_fields"]):
-            extra = getattr(extra, "data", extra)
-            info = extra.get("reward_extra_info", {}) if isinstance(extra, dict) else {}
-            if self.filter_cfg.metric not in info:
-                raise RuntimeError(
-                    f"group_filter.metric={self.filter_cfg.metric!r} is not among the reward function's outputs "
-                    f"{sorted(info)}; set group_filter.metric to one of them"
-                )
-            correct.append(float(info[self.filter_cfg.metric]))
+        correct = [response_metric(extra, self.filter_cfg.metric, "group_filter.metric")
+                   for extra in list(data["extra_fields"])]
         return group_accuracy([k.split("_")[0] for k in keys], correct)
 
     def _wait_until_idle(self, partition_id: str) -> None:

@@ -49,6 +49,7 @@ from recipe.algos.dots import (
     pool_stats,
     predict_difficulty,
 )
+from recipe.sampler import response_metric
 
 logger = logging.getLogger(__name__)
 
@@ -330,10 +331,7 @@ def rollout_accuracy(trainer, indices: list[int], n: int, metric: str = "acc",
     if traj:
         data = tq.kv_batch_get(keys=traj, partition_id="train", select_fields=["extra_fields"])
         for key, extra in zip(traj, data.pop("extra_fields").tolist(), strict=True):
-            info = (extra or {}).get("reward_extra_info", {}) or {}
-            if metric not in info:
-                raise RuntimeError(f"dots.metric={metric!r} is not among the reward outputs {sorted(info)}")
-            accs[key.split("_")[0]].append(float(info[metric]))
+            accs[key.split("_")[0]].append(response_metric(extra, metric, "dots.metric"))
     tq.kv_clear(keys=[*uids, *traj], partition_id="train")
     return [accs[u] for u in uids]
 

@@ -50,7 +50,8 @@ from omegaconf import open_dict
 import recipe.algos  # noqa: F401  (registers advantage estimators and policy losses)
 from recipe.eval import validation_metrics
 from recipe.rollout_replay import REPLAYED
-from recipe.sampler import SKIP_UPDATE
+from recipe.algos.filters import group_accuracy
+from recipe.sampler import SKIP_UPDATE, reward_info
 from recipe.selection import DotsConfig, DotsStage
 from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
@@ -90,8 +91,7 @@ def reward_extra_metrics(extra_fields: list, prefix: str = "reward/") -> dict[st
     """
     values: dict[str, list[float]] = defaultdict(list)
     for field in extra_fields:
-        info = field.get("reward_extra_info", {}) if isinstance(field, dict) else {}
-        for key, value in (info or {}).items():
+        for key, value in reward_info(field).items():
             if key == "score" or isinstance(value, str):
                 continue
             if isinstance(value, (bool, np.bool_, numbers.Number)):
@@ -108,7 +108,6 @@ class RecipeTrainer(PPOTrainerSync):
         super().__init__(config)
         dots_cfg = DotsConfig.from_config(config.get("dots"))
         self.dots = DotsStage(dots_cfg, config) if dots_cfg.enable else None
-        self._pending_state: dict | None = None
 
     # ------------------------------------------------------------------ prompts
     @property
@@ -243,14 +242,14 @@ def effective_ratio(uids: list[str], fields: list) -> float | None:
     Returns:
         The share in [0, 1], or None when no sample carries ``acc``.
     """
-    accs: dict[str, list[float]] = defaultdict(list)
-    for uid, field in zip(uids, fields, strict=True):
-        info = field.get("reward_extra_info", {}) if isinstance(field, dict) else {}
-        if info and "acc" in info:
-            accs[uid].append(float(info["acc"]))
-    if not accs:
+    infos = [reward_info(field) for field in fields]
+    if len(infos) != len(uids):
+        raise ValueError(f"effective_ratio: {len(uids)} uids but {len(infos)} fields")
+    kept = [(uid, float(info["acc"])) for uid, info in zip(uids, infos) if "acc" in info]
+    if not kept:
         return None
-    return float(np.mean([0.0 < np.mean(v) < 1.0 for v in accs.values()]))
+    acc = group_accuracy([u for u, _ in kept], [a for _, a in kept])
+    return float(np.mean([0.0 < a < 1.0 for a in acc.values()]))
 
 
 def skip_update(batch) -> bool:
