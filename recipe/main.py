@@ -213,6 +213,54 @@ def configure_replay(cfg: DictConfig) -> None:
                 rc.rollout_is_threshold = float(rcfg.truncation) if rcfg.truncation else float("inf")
 
 
+def configure_preference(cfg: DictConfig) -> None:
+    """Settings iterative DPO / LoRR (``preference.enable``) need from verl, each named on failure.
+
+    Raises:
+        ConfigError: on an invalid ``preference`` / ``lorr`` node or an incompatible setting.
+    """
+    pref = cfg.get("preference") or {}
+    if not pref.get("enable", False):
+        return
+    from recipe.algos.preference import LorrConfig, PreferenceConfig, get_preference_loss
+
+    try:
+        pcfg = PreferenceConfig.from_config(pref)
+        LorrConfig.from_config(cfg.get("lorr"))
+        spec = get_preference_loss(pcfg.loss)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    actor = cfg.actor_rollout_ref.actor
+    sampler = cfg.trainer.v1.sampler.get("custom_sampler") or {}
+    if sampler.get("name") != "PreferencePairSampler":
+        raise ConfigError(
+            "preference.enable=true needs the pair sampler: trainer.v1.sampler.custom_sampler.path="
+            f"pkg://recipe.preference name=PreferencePairSampler (got {sampler.get('name')}; recipe=iterative_dpo sets it)"
+        )
+    if (cfg.get("replay") or {}).get("enable", False):
+        raise ConfigError("preference.enable=true and replay.enable=true: rollout replay is for policy-gradient "
+                          "recipes; LoRR's replay is lorr.replays")
+    if cfg.actor_rollout_ref.rollout.n < 2:
+        raise ConfigError(f"preference pairs need groups: actor_rollout_ref.rollout.n={cfg.actor_rollout_ref.rollout.n};"
+                          " set it >= 2")
+    if actor.get("shuffle", False):
+        raise ConfigError("preference.enable=true: actor_rollout_ref.actor.shuffle must be false "
+                          "(pairs sit in consecutive rows)")
+    if spec.needs_reference and not actor.use_kl_loss and not cfg.algorithm.get("use_kl_in_reward", False):
+        raise ConfigError(f"preference.loss={pcfg.loss} needs a reference model: set "
+                          "actor_rollout_ref.actor.use_kl_loss=true (verl builds its reference worker then; "
+                          "the KL term itself is replaced by the preference loss)")
+    lora = (cfg.actor_rollout_ref.model.get("lora") or {}).get("rank", 0) or cfg.actor_rollout_ref.model.get(
+        "lora_rank", 0)
+    if spec.needs_reference and pcfg.reference == "iteration_start" and lora:
+        raise ConfigError("preference.reference=iteration_start refreshes a separate reference model; with LoRA "
+                          "(actor_rollout_ref.model.lora.rank > 0) the reference is the base model: "
+                          "use preference.reference=initial")
+    if int(actor.get("ppo_epochs", 1)) != 1:
+        logger.warning("actor_rollout_ref.actor.ppo_epochs=%s is not used by preference recipes "
+                       "(passes over the pairs: lorr.replays)", actor.ppo_epochs)
+
+
 def setup_metrics_file(cfg: DictConfig) -> str:
     """Point verl's ``file`` logger at ``metrics_file`` (appended to on resume)."""
     path = _abs(cfg.metrics_file)
@@ -227,6 +275,7 @@ def run(cfg: DictConfig) -> None:
     setup_paths(cfg)
     check_config(cfg)
     configure_replay(cfg)
+    configure_preference(cfg)
     prepare_data(cfg)
     prepare_model(cfg)
     setup_device(cfg)

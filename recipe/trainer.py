@@ -23,8 +23,14 @@ verl's replay buffer and parameter-sync settings are the sync ones) and adds:
 - DOTS (:mod:`recipe.selection`, ``dots.enable``): ``prepare_step`` runs a reference round
   every ``dots.every`` steps and ``_fetch_one_gen_batch`` serves the selected questions
   instead of verl's dataloader.
-- State: ``global_step_N/recipe_state.pt`` (replay buffer, DOTS selector) is written with
-  verl's checkpoints and restored on resume.
+- Iterative DPO / LoRR (:mod:`recipe.preference`, ``preference.enable``): the actor worker
+  is :class:`recipe.workers.RecipeActorRolloutRefWorker` (preference loss, reference refresh,
+  LoRR reset); ``prepare_step`` may reuse the initial pairs instead of generating; the batch
+  keeps its pair layout (padding instead of verl's length balancing); the reference is
+  refreshed before the reference log-probs; the actor update runs ``L`` passes with resets.
+- State: ``global_step_N/recipe_state.pt`` (replay buffer, DOTS selector, preference / LoRR
+  counters and initial pairs) and ``lorr_theta0_rank{r}.pt`` are written with verl's
+  checkpoints and restored on resume.
 
 Importing this module also imports :mod:`recipe.algos`, registering this project's
 advantage estimators in the trainer process (policy losses are registered in the workers
@@ -52,6 +58,7 @@ from recipe.eval import validation_metrics
 from recipe.rollout_replay import REPLAYED
 from recipe.algos.filters import group_accuracy
 from recipe.sampler import SKIP_UPDATE, reward_info
+from recipe.preference import PreferenceStage
 from recipe.selection import DotsConfig, DotsStage
 from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
@@ -108,6 +115,21 @@ class RecipeTrainer(PPOTrainerSync):
         super().__init__(config)
         dots_cfg = DotsConfig.from_config(config.get("dots"))
         self.dots = DotsStage(dots_cfg, config) if dots_cfg.enable else None
+        pref = config.get("preference") or {}
+        self.preference = PreferenceStage(config) if pref.get("enable", False) else None
+
+    def _init_resource_pool_mgr(self):
+        """verl's worker mapping; with ``preference.enable`` the actor / reference worker is
+        :class:`recipe.workers.RecipeActorRolloutRefWorker` (verl's plus our methods)."""
+        super()._init_resource_pool_mgr()
+        if self.preference is None:
+            return
+        from recipe.workers import RecipeActorRolloutRefWorker
+        from verl.workers.engine_workers import ActorRolloutRefWorker
+
+        for role, cls in list(self.role_worker_mapping.items()):
+            if getattr(cls, "__ray_actor_class__", None) is ActorRolloutRefWorker:
+                self.role_worker_mapping[role] = ray.remote(RecipeActorRolloutRefWorker)
 
     # ------------------------------------------------------------------ prompts
     @property
@@ -122,9 +144,12 @@ class RecipeTrainer(PPOTrainerSync):
         metrics: dict = {}
         batch_size = self.config.data.train_batch_size
         n_fresh = self._replay.plan_step(batch_size) if self._replay else batch_size
+        if self.preference is not None:
+            n_fresh = self.preference.plan_step(self.replay_buffer, batch_size)
         if self.dots is not None:
             metrics.update(self.dots.maybe_round(self, self.global_steps))
-        self._add_prompts_to_generate(n_fresh)
+        if n_fresh:
+            self._add_prompts_to_generate(n_fresh)
         if self.dots is not None:
             metrics.update(self.dots.step_metrics())
         return metrics
@@ -137,6 +162,28 @@ class RecipeTrainer(PPOTrainerSync):
         return self.dots.next_batch(self, size)
 
     # ------------------------------------------------------------------ stages
+    def _balance_batch(self, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
+        """Preference pairs keep their ``[c_0, r_0, ...]`` layout: padded (zero-weight rows)
+        to a multiple of 2 x micro-batch x dp size instead of verl's length balancing."""
+        if self.preference is None:
+            return super()._balance_batch(batch, metrics, logging_prefix=logging_prefix, keep_minibatch=keep_minibatch)
+        from verl.trainer.ppo.padding_utils import upsample_batch_to_divisible_size
+
+        wg = self.actor_rollout_wg
+        if "actor" not in wg._dispatch_info:
+            wg._dispatch_info["actor"] = wg._query_dispatch_info("actor")
+        dp_size = max(wg._dispatch_info["actor"]) + 1
+        batch = upsample_batch_to_divisible_size(batch, self.preference.pad_multiple(dp_size),
+                                                 self.tokenizer.eos_token_id)
+        self.preference.write_pair_fields(batch)
+        return batch
+
+    def _compute_ref_log_prob(self, batch, metrics):
+        if self.preference is not None and self.preference.refresh_reference(self.actor_rollout_wg,
+                                                                             self.global_steps):
+            metrics["dpo/reference_refreshed"] = 1
+        return super()._compute_ref_log_prob(batch, metrics)
+
     def _compute_old_log_prob(self, batch, metrics):
         batch = super()._compute_old_log_prob(batch, metrics)
         if self._replay:
@@ -150,6 +197,9 @@ class RecipeTrainer(PPOTrainerSync):
         return batch
 
     def _update_actor(self, batch, metrics):
+        if self.preference is not None:
+            self.preference.update(self, batch, metrics)
+            return batch
         batch = super()._update_actor(batch, metrics)
         if self._replay:
             metrics.update(self._replay.store_fresh(batch, self.global_steps))
@@ -206,12 +256,22 @@ class RecipeTrainer(PPOTrainerSync):
             "global_steps": self.global_steps,
             "replay": self._replay.state_dict() if self._replay else {},
             "dots": self.dots.state_dict() if self.dots is not None else {},
+            "preference": self._preference_state(),
         }
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)
+        if self.preference is not None and self.preference.reset_on:
+            self.actor_rollout_wg.recipe_lorr_save(os.path.dirname(path))
         super()._save_checkpoint()
 
+    def _preference_state(self) -> dict:
+        if self.preference is None:
+            return {}
+        return {"stage": self.preference.state_dict(), "sampler": self.replay_buffer.state_dict()}
+
     def _load_checkpoint(self):
+        if self.preference is not None:  # workers exist, the checkpoint is not loaded yet
+            self.preference.setup_workers(self.actor_rollout_wg)
         super()._load_checkpoint()
         if self.global_steps <= 0:
             return
@@ -229,6 +289,15 @@ class RecipeTrainer(PPOTrainerSync):
                   f"(fingerprint {self._replay.fingerprint()}) from {path}", flush=True)
         if self.dots is not None:
             self.dots.load_state_dict(state.get("dots") or {})
+        if self.preference is not None:
+            pstate = state.get("preference") or {}
+            self.preference.load_state_dict(pstate.get("stage") or {})
+            self.replay_buffer.load_state_dict(pstate.get("sampler") or {})
+            fp = self.actor_rollout_wg.recipe_lorr_load(os.path.dirname(path)) if self.preference.reset_on else None
+            print(f"[recipe] restored preference state: {self.preference.state_dict()['replays']} replay passes, "
+                  f"{self.preference.resets} resets, initial pairs "
+                  f"{'kept' if self.replay_buffer.initial else 'none'}, theta_0 fingerprint {fp and fp[0]}",
+                  flush=True)
 
 
 def effective_ratio(uids: list[str], fields: list) -> float | None:

@@ -7,10 +7,14 @@ Importing this package registers, with verl 0.9.1's registries:
 * policy losses (``actor_rollout_ref.actor.policy_loss.loss_mode``): ``raft``, ``raft_pp``
   (``recipe.algos.losses``).
 
+Preference optimisation (iterative DPO, LoRR; ``recipe.algos.preference``): the losses
+``dpo``, ``ipo``, ``simpo`` (its own registry, ``PREFERENCE_LOSSES``: they need pairs, which
+verl's policy-loss signature cannot carry), pair building and the LoRR reset / SFT pieces.
+
 Group filters (Reinforce-Rej, DAPO-style refill) are pure decisions in
 ``recipe.algos.filters``. Importing twice is harmless.
 """
 
-from recipe.algos import advantages, filters, losses
+from recipe.algos import advantages, filters, losses, preference
 
-__all__ = ["advantages", "filters", "losses"]
+__all__ = ["advantages", "filters", "losses", "preference"]

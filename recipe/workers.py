@@ -1,0 +1,236 @@
+"""This project's actor worker: verl's ``ActorRolloutRefWorker`` plus the methods iterative
+DPO and LoRR need inside verl's FSDP worker graph (verl has none of them).
+
+:class:`RecipeActorRolloutRefWorker` is used instead of verl's worker only when
+``preference.enable`` is true (:meth:`recipe.trainer.RecipeTrainer._init_resource_pool_mgr`).
+Its extra methods are registered with verl's ``Dispatch.ONE_TO_ALL``: the trainer calls them
+on the worker group and every rank acts on its own FSDP shard.
+
+- :meth:`~RecipeActorRolloutRefWorker.recipe_set_preference_loss`: replace verl's PPO loss
+  (``verl.workers.utils.losses.ppo_loss``) by :func:`preference_loss` (DPO / IPO / SimPO +
+  the LoRR SFT term, :mod:`recipe.algos.preference`).
+- :meth:`~RecipeActorRolloutRefWorker.recipe_sync_reference`: reference model := current
+  policy (iterative DPO's reference, "the policy at the start of the iteration").
+- :meth:`~RecipeActorRolloutRefWorker.recipe_lorr_snapshot` /
+  :meth:`~RecipeActorRolloutRefWorker.recipe_lorr_reset`: keep theta_0 of the parameters
+  matching a pattern (each rank its own shard, in CPU memory) and apply
+  theta <- alpha * theta + (1 - alpha) * theta_0 (LoRR, arXiv 2508.06412), optionally
+  clearing the optimizer state of the reset parameters.
+- :meth:`~RecipeActorRolloutRefWorker.recipe_lorr_save` / ``recipe_lorr_load``: theta_0 with
+  verl's checkpoints (``global_step_N/lorr_theta0_rank{r}.pt``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import partial
+from typing import Any
+
+import torch
+
+from recipe.algos.preference import (
+    PreferenceConfig,
+    get_preference_loss,
+    preference_microbatch_loss,
+    reset_named_parameters_,
+    snapshot,
+)
+from verl.single_controller.base.decorator import Dispatch, register
+from verl.utils.metric import AggregationType, Metric
+from verl.workers.engine_workers import ActorRolloutRefWorker
+from verl.workers.utils.padding import no_padding_2_padding
+
+#: Per-row fields the trainer writes for the preference loss (``[B]`` each).
+PAIR_FIELDS = ("pair_id", "is_chosen", "sft_weight", "num_pairs")
+THETA0_FILE = "lorr_theta0_rank{rank}.pt"
+
+
+def preference_loss(config, model_output, data, dp_group=None, *, pref: PreferenceConfig):
+    """verl actor loss (``loss_fn(config, model_output, data, dp_group)``, as ``ppo_loss``)
+    for preference optimisation on one micro-batch.
+
+    Args:
+        config: verl ``ActorConfig`` (unused apart from the signature).
+        model_output: ``{"log_probs": ...}`` from verl's engine (padded or remove-padding
+            layout; converted with verl's ``no_padding_2_padding``).
+        data: the micro-batch ``TensorDict``: ``response_mask`` ``[b, T]``, ``ref_log_prob``
+            ``[b, T]`` (reference-based losses) and the per-row fields :data:`PAIR_FIELDS`:
+            ``pair_id`` int64 (-1 on padding rows), ``is_chosen`` bool, ``sft_weight``
+            float (lambda_k), ``num_pairs`` float (real pairs in the global mini-batch).
+        pref: the preference settings.
+
+    Returns:
+        ``(loss, metrics)``: the micro-batch's share of the mini-batch mean loss (times the
+        data-parallel size, as verl averages gradients over ranks) and ``dpo/*``,
+        ``lorr/sft_loss`` metrics.
+
+    Raises:
+        ValueError: a pair split across micro-batches, or a missing reference.
+    """
+    log_prob = no_padding_2_padding(model_output["log_probs"], data)
+    spec = get_preference_loss(pref.loss)
+    fields = ["response_mask", *PAIR_FIELDS] + (["ref_log_prob"] if spec.needs_reference else [])
+    missing = [f for f in fields if f not in data.keys()]
+    if missing:
+        raise ValueError(f"preference loss: the micro-batch lacks {missing} (written by recipe.trainer)")
+    td = data.select(*fields).to_padded_tensor()
+    num_pairs = int(round(float(td["num_pairs"].reshape(-1)[0]))) if len(td) else 0
+    loss, metrics = preference_microbatch_loss(
+        log_prob=log_prob,
+        ref_log_prob=td["ref_log_prob"] if spec.needs_reference else None,
+        response_mask=td["response_mask"],
+        pair_id=td["pair_id"].reshape(-1).long(),
+        is_chosen=td["is_chosen"].reshape(-1).bool(),
+        sft_weight=td["sft_weight"].reshape(-1).float(),
+        cfg=pref,
+        num_pairs=max(num_pairs, 1),
+        dp_size=int(data["dp_size"]) if "dp_size" in data.keys() else 1,
+    )
+    out = Metric.from_dict(metrics, aggregation=AggregationType.MEAN)
+    out["actor/pg_loss"] = Metric(value=loss.detach().item(), aggregation=AggregationType.SUM)
+    return loss, out
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of an FSDP2 ``DTensor`` parameter (the tensor itself otherwise)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _local_named_parameters(module) -> list[tuple[str, torch.Tensor]]:
+    return [(name, _local(p.data)) for name, p in module.named_parameters()]
+
+
+def theta0_fingerprint(theta0: dict[str, torch.Tensor]) -> str:
+    """sha1 over the names and bytes of a theta_0 snapshot (equal on an exact restore)."""
+    h = hashlib.sha1()
+    for name in sorted(theta0):
+        h.update(name.encode())
+        h.update(theta0[name].detach().cpu().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class RecipeActorRolloutRefWorker(ActorRolloutRefWorker):
+    """verl's actor / rollout / reference worker plus the methods listed in the module doc."""
+
+    _theta0: dict[str, torch.Tensor] | None = None
+
+    def _shard_rank(self) -> int:
+        return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def recipe_set_preference_loss(self, pref: dict[str, Any]) -> str:
+        """Train the actor with :func:`preference_loss` instead of verl's PPO loss.
+
+        Args:
+            pref: the ``preference`` config node as a dict (:class:`PreferenceConfig`).
+
+        Returns:
+            The loss name.
+        """
+        cfg = PreferenceConfig.from_config(pref)
+        actor_config = self.loss_fn.keywords.get("config") if isinstance(self.loss_fn, partial) else None
+        self.loss_fn = partial(preference_loss, config=actor_config, pref=cfg)
+        self.actor.set_loss_fn(self.loss_fn)
+        return cfg.loss
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    @torch.no_grad()
+    def recipe_sync_reference(self) -> int:
+        """Copy the actor's parameters into the reference model (same names and shards).
+
+        Returns:
+            The number of parameter tensors copied.
+
+        Raises:
+            RuntimeError: no colocated reference model, or the two models differ.
+        """
+        if getattr(self, "ref", None) is None or getattr(self, "actor", None) is None:
+            raise RuntimeError("recipe_sync_reference: this worker holds no reference model next to the actor "
+                               "(preference.reference=iteration_start needs actor_rollout_ref.actor.use_kl_loss=true "
+                               "and the reference colocated with the actor)")
+        src = dict(_local_named_parameters(self.actor.engine.module))
+        dst = _local_named_parameters(self.ref.engine.module)
+        if set(src) != {n for n, _ in dst}:
+            raise RuntimeError(f"recipe_sync_reference: actor and reference parameters differ: "
+                               f"{sorted(set(src) ^ {n for n, _ in dst})[:5]}")
+        for name, t in dst:
+            if t.shape != src[name].shape:
+                raise RuntimeError(f"recipe_sync_reference: {name} is sharded differently "
+                                   f"({tuple(t.shape)} vs {tuple(src[name].shape)})")
+            t.copy_(src[name])
+        return len(dst)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    @torch.no_grad()
+    def recipe_lorr_snapshot(self, pattern: str) -> dict[str, Any]:
+        """Keep theta_0: CPU copies of this rank's shards of the actor parameters whose name
+        matches ``pattern`` (regex search).
+
+        Returns:
+            ``{"tensors": n, "numel": elements, "fingerprint": sha1}`` of this rank's snapshot.
+
+        Raises:
+            ValueError: no parameter matches ``pattern`` (names ``lorr.reset.pattern``).
+        """
+        self._theta0 = snapshot(_local_named_parameters(self.actor.engine.module), pattern)
+        if not self._theta0:
+            names = [n for n, _ in self.actor.engine.module.named_parameters()][:8]
+            raise ValueError(f"lorr.reset.pattern={pattern!r} matches no actor parameter (e.g. {names})")
+        return {"tensors": len(self._theta0), "numel": sum(t.numel() for t in self._theta0.values()),
+                "fingerprint": theta0_fingerprint(self._theta0)}
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    @torch.no_grad()
+    def recipe_lorr_reset(self, alpha: float, pattern: str, reset_optimizer: bool = False) -> dict[str, Any]:
+        """theta <- alpha * theta + (1 - alpha) * theta_0 on the matching parameters (LoRR's
+        shrink-and-perturb reset towards the initial weights).
+
+        Args:
+            alpha: interpolation weight of the current weights in [0, 1] (1: no change).
+            pattern: regex on parameter names (default ``down_proj``).
+            reset_optimizer: also clear the optimizer state (Adam moments, step) of the reset
+                parameters.
+
+        Returns:
+            ``{"changed": names, "delta_norm": ||theta_new - theta_old||_2 on this rank}``.
+
+        Raises:
+            RuntimeError: no snapshot was taken.
+        """
+        if self._theta0 is None:
+            raise RuntimeError("recipe_lorr_reset before recipe_lorr_snapshot")
+        module = self.actor.engine.module
+        named = _local_named_parameters(module)
+        before = {n: t.detach().clone() for n, t in named if n in self._theta0}
+        changed = reset_named_parameters_(named, self._theta0, alpha, pattern)
+        delta = sum(float((dict(named)[n].float() - before[n].float()).pow(2).sum()) for n in changed) ** 0.5
+        if reset_optimizer:
+            optimizer = self.actor.engine.optimizer
+            params = dict(module.named_parameters())
+            for name in changed:
+                optimizer.state.pop(params[name], None)
+        return {"changed": changed, "delta_norm": delta}
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def recipe_lorr_save(self, folder: str) -> str:
+        """Write this rank's theta_0 to ``folder/lorr_theta0_rank{r}.pt``; returns the path."""
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, THETA0_FILE.format(rank=self._shard_rank()))
+        torch.save(self._theta0 or {}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        return path
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def recipe_lorr_load(self, folder: str) -> str | None:
+        """Restore this rank's theta_0 from ``folder`` (written by :meth:`recipe_lorr_save`).
+
+        Returns:
+            The snapshot's fingerprint, or None when the file is absent (the snapshot taken at
+            start-up, from ``actor_rollout_ref.model.path``, is kept).
+        """
+        path = os.path.join(folder, THETA0_FILE.format(rank=self._shard_rank()))
+        if not os.path.exists(path):
+            return None
+        self._theta0 = torch.load(path, weights_only=True)
+        return theta0_fingerprint(self._theta0)

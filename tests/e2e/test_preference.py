@@ -1,0 +1,92 @@
+"""Iterative DPO and LoRR through verl's V1 trainer on CPU, with a resume after a reset.
+
+Reward: tests/e2e/parity_reward.py (mixed groups from a random tiny model, so that most
+groups have a reward gap and give a pair).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.e2e.test_main_job import read_metrics, run_job
+
+PARITY_REWARD = str(Path(__file__).with_name("parity_reward.py"))
+BATCH = 4  # data.train_batch_size of conf/device/cpu.yaml
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("artifacts_preference")
+
+
+def _run(artifacts: Path, name: str, steps: int, *extra: str):
+    proc = run_job(
+        artifacts,
+        f"trainer.experiment_name={name}",
+        f"trainer.total_training_steps={steps}",
+        "trainer.save_freq=2",
+        "trainer.test_freq=-1",
+        f"reward.custom_reward_function.path={PARITY_REWARD}",
+        *extra,
+    )
+    return proc, {r["step"]: r["data"] for r in read_metrics(artifacts / "runs" / name / "metrics.jsonl")}
+
+
+def test_iterative_dpo(artifacts):
+    """One DPO pass per step against the policy at the start of the step: the reference is
+    the policy itself when the loss is evaluated, so every reward margin is 0 and the DPO
+    loss is exactly -log sigmoid(0) = log 2 (up to float32 noise), yet the gradient is not 0."""
+    _, steps = _run(artifacts, "e2e_idpo", 2, "recipe=iterative_dpo")
+    for step in (1, 2):
+        m = steps[step]
+        assert 1 <= m["dpo/pairs"] <= BATCH
+        assert m["dpo/pairs"] + m["dpo/skipped_groups"] == BATCH
+        assert m["dpo/reference_refreshed"] == 1
+        assert abs(m["dpo/reward_margin"]) < 1e-4
+        assert m["dpo/loss"] == pytest.approx(math.log(2.0), abs=1e-4)
+        assert m["dpo/chosen_logps"] < 0 and m["dpo/rejected_logps"] < 0
+        assert m["actor/grad_norm"] > 0
+        assert m["lorr/replay_index"] == step and m["lorr/resets"] == 0 and m["lorr/sft_weight"] == 0.0
+        assert "lorr/reset_delta_norm" not in m
+
+
+def test_lorr_reset_reuse_and_resume(artifacts):
+    """L = 2 passes per step, a reset after every 3rd pass (inside step 2), reuse of the
+    first step's pairs as soon as a reset happened (rollout_ratio 0); then a resume from
+    global_step_2 (taken after the reset) restores counters, the initial pairs and theta_0."""
+    name = "e2e_lorr"
+    common = ("recipe=lorr_dpo", "lorr.replays=2", "lorr.reset.every=3", "lorr.reuse.rollout_ratio=0.0")
+    proc, steps = _run(artifacts, name, 2, *common)
+    snap = re.search(r"LoRR theta_0: (\d+) tensors .*fingerprint ([0-9a-f]+)\)", proc.stdout)
+    assert snap and int(snap.group(1)) == 2  # the tiny model's two layers' mlp.down_proj.weight
+    s1, s2 = steps[1], steps[2]
+    assert s1["lorr/replay_index"] == 2 and s1["lorr/resets"] == 0 and s1["lorr/reused_initial"] == 0
+    # lambda_k = min(0.5, 0.25 k) for k = 0, 1
+    assert s1["lorr/sft_weight"] == pytest.approx(0.125)
+    # the second pass moved the margin away from 0 (the first sees reference == policy)
+    assert abs(s1["dpo/reward_margin_last_pass"]) > 0
+    assert s2["lorr/replay_index"] == 4 and s2["lorr/resets"] == 1 and s2["lorr/reset_delta_norm"] > 0
+    assert s2["lorr/reused_initial"] == 0  # the reuse decision for step 2 came before the reset
+
+    run_dir = artifacts / "runs" / name
+    saved = torch.load(run_dir / "global_step_2" / "recipe_state.pt", weights_only=False)["preference"]
+    assert saved["stage"]["replays"] == 4 and saved["stage"]["resets"] == 1
+    assert len(saved["sampler"]["initial"]["keys"]) == 2 * s1["dpo/pairs"]
+    assert (run_dir / "global_step_2" / "lorr_theta0_rank0.pt").exists()
+
+    proc, steps = _run(artifacts, name, 3, *common)
+    restored = re.search(r"restored preference state: (\d+) replay passes, (\d+) resets, initial pairs (\w+), "
+                         r"theta_0 fingerprint ([0-9a-f]+)", proc.stdout)
+    assert restored, "the resumed run did not report restoring the preference state"
+    assert restored.groups() == ("4", "1", "kept", snap.group(2))
+    s3 = steps[3]
+    # step 3 trains on the initial pairs again (a reset happened, rollout_ratio 0) and
+    # reaches pass 6: the second reset
+    assert s3["lorr/reused_initial"] == 1 and s3["dpo/pairs"] == s1["dpo/pairs"]
+    assert s3["lorr/replay_index"] == 6 and s3["lorr/resets"] == 2
+    assert math.isfinite(s3["dpo/loss"]) and s3["actor/grad_norm"] > 0
