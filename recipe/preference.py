@@ -30,7 +30,7 @@ One training step is one iteration of online preference optimisation:
 State (replay counter, resets, the initial pairs, the RNG, theta_0 per rank) is saved with
 verl's checkpoints and restored on resume (:class:`recipe.trainer.RecipeTrainer`).
 
-Metrics: ``dpo/pairs``, ``dpo/skipped_groups``, ``dpo/reward_margin``,
+Metrics: ``dpo/pairs``, ``dpo/skipped_groups``, ``dpo/fresh_rollouts``, ``dpo/reward_margin``,
 ``dpo/reward_accuracy``, ``dpo/chosen_logps``, ``dpo/rejected_logps``, ``dpo/loss``,
 ``lorr/resets``, ``lorr/replay_index``, ``lorr/sft_weight``, ``lorr/sft_loss``,
 ``lorr/reused_initial``, ``lorr/reset_delta_norm``.
@@ -133,7 +133,8 @@ class PreferencePairSampler(GroupFilterReplayBuffer):
         batch, metrics = super().sample(global_steps, partition_id, batch_size)
         metrics["lorr/reused_initial"] = 0
         if len(batch) == 0 or all(tag.get(SKIP_UPDATE, False) for tag in batch.tags):
-            metrics.update({"dpo/pairs": 0, "dpo/skipped_groups": 0})
+            metrics.update({"dpo/pairs": 0, "dpo/skipped_groups": 0,
+                            "dpo/fresh_rollouts": sum(not t.get("is_padding", False) for t in batch.tags)})
             return batch, metrics
 
         data = tq.kv_batch_get(keys=batch.keys, partition_id=partition_id)
@@ -144,7 +145,8 @@ class PreferencePairSampler(GroupFilterReplayBuffer):
         rng = self.rng if self.pref_cfg.pairs == "random" else None
         pairs, stats = build_pairs(uids, scores, self.pref_cfg.pairs, rng=rng)
         pairs = [(real[c], real[r]) for c, r in pairs]
-        metrics.update({"dpo/pairs": len(pairs), "dpo/skipped_groups": stats.skipped_no_gap})
+        metrics.update({"dpo/pairs": len(pairs), "dpo/skipped_groups": stats.skipped_no_gap,
+                        "dpo/fresh_rollouts": len(real)})
         if not pairs:
             logger.warning("step %d: no group has a reward gap; no preference pair, no update", global_steps)
             for tag in batch.tags:
@@ -168,7 +170,8 @@ class PreferencePairSampler(GroupFilterReplayBuffer):
         rows = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in r.items()} for r in init["rows"]]
         tq.kv_batch_put(keys=list(init["keys"]), partition_id=partition_id,
                         fields=list_of_dict_to_tensordict(rows), tags=tags)
-        metrics = {"dpo/pairs": len(rows) // 2, "dpo/skipped_groups": 0, "lorr/reused_initial": 1}
+        metrics = {"dpo/pairs": len(rows) // 2, "dpo/skipped_groups": 0, "dpo/fresh_rollouts": 0,
+                   "lorr/reused_initial": 1}
         return KVBatchMeta(partition_id=partition_id, keys=list(init["keys"]), tags=tags), metrics
 
     # ------------------------------------------------------------------ state

@@ -46,6 +46,7 @@ def test_iterative_dpo(artifacts):
         m = steps[step]
         assert 1 <= m["dpo/pairs"] <= BATCH
         assert m["dpo/pairs"] + m["dpo/skipped_groups"] == BATCH
+        assert m["dpo/fresh_rollouts"] == BATCH * 4
         assert m["dpo/reference_refreshed"] == 1
         assert abs(m["dpo/reward_margin"]) < 1e-4
         assert m["dpo/loss"] == pytest.approx(math.log(2.0), abs=1e-4)
@@ -88,5 +89,6 @@ def test_lorr_reset_reuse_and_resume(artifacts):
     # step 3 trains on the initial pairs again (a reset happened, rollout_ratio 0) and
     # reaches pass 6: the second reset
     assert s3["lorr/reused_initial"] == 1 and s3["dpo/pairs"] == s1["dpo/pairs"]
+    assert s3["dpo/fresh_rollouts"] == 0 and s2["dpo/fresh_rollouts"] == BATCH * 4
     assert s3["lorr/replay_index"] == 6 and s3["lorr/resets"] == 2
     assert math.isfinite(s3["dpo/loss"]) and s3["actor/grad_norm"] > 0
