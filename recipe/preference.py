@@ -16,7 +16,8 @@ One training step is one iteration of online preference optimisation:
 4. **Updates** (:class:`PreferenceStage`): the pairs are trained on ``L`` times
    (``lorr.replays``; 1 for plain iterative DPO), each pass one optimizer step per
    mini-batch of all pairs (rows padded with zero-weight rows to a multiple of
-   2 x micro-batch x data-parallel size, and verl's ``force_group_size=2`` keeps each pair in
+   2 x pairs per micro-batch (half of ``ppo_micro_batch_size_per_gpu``, at most
+   the step's pairs per rank) x data-parallel size, and verl's ``force_group_size=2`` keeps each pair in
    one micro-batch and on one rank). Pass ``k`` (0-based) adds ``lambda_k`` times the NLL of
    the chosen response (``lorr.sft``).
 5. **Reset** (``lorr.reset``): after every ``every`` replay passes (or iterations) the
@@ -39,6 +40,7 @@ Metrics: ``dpo/pairs``, ``dpo/skipped_groups``, ``dpo/fresh_rollouts``, ``dpo/re
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -208,6 +210,7 @@ class PreferenceStage:
         self.iterations = 0   # steps with an update so far
         self.resets = 0
         self.theta0: dict[str, Any] = {}
+        self.micro_pairs = 1  # pairs per micro-batch of the current step (pad_multiple)
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -252,11 +255,18 @@ class PreferenceStage:
     def needs_reference(self) -> bool:
         return get_preference_loss(self.pref.loss).needs_reference
 
-    def pad_multiple(self, dp_size: int) -> int:
-        """Rows per update are padded to a multiple of 2 x micro-batch (in pairs) x dp size."""
+    def pad_multiple(self, dp_size: int, n_pairs: int) -> int:
+        """Rows per update are padded to a multiple of 2 x (pairs per micro-batch) x dp size.
+
+        Pairs per micro-batch: half of ``ppo_micro_batch_size_per_gpu`` (a micro-batch holds
+        about as many rows as configured), at most the pairs one rank gets, so that a small
+        step is not padded up to a large micro-batch. Stored for :meth:`update`.
+        """
         actor = self.config.actor_rollout_ref.actor
-        micro = 1 if actor.get("use_dynamic_bsz", False) else int(actor.ppo_micro_batch_size_per_gpu or 1)
-        return 2 * micro * dp_size
+        micro_rows = 2 if actor.get("use_dynamic_bsz", False) else int(actor.ppo_micro_batch_size_per_gpu or 2)
+        per_rank = max(1, math.ceil(n_pairs / dp_size))
+        self.micro_pairs = max(1, min(micro_rows // 2, per_rank))
+        return 2 * self.micro_pairs * dp_size
 
     def write_pair_fields(self, batch: KVBatchMeta) -> int:
         """After verl's padding: ``pair_id = -1`` on padding rows, ``num_pairs`` on all rows.
@@ -291,6 +301,8 @@ class PreferenceStage:
                 "seed": actor.data_loader_seed,
                 "dataloader_kwargs": {"shuffle": False},
                 "force_group_size": 2,
+                # with force_group_size 2 verl's micro-batch holds 2 x this many rows
+                "micro_batch_size_per_gpu": self.micro_pairs,
                 "temperature": self.config.actor_rollout_ref.rollout.temperature,
             })
             output = wg.update_actor(batch)

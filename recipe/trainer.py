@@ -173,7 +173,8 @@ class RecipeTrainer(PPOTrainerSync):
         if "actor" not in wg._dispatch_info:
             wg._dispatch_info["actor"] = wg._query_dispatch_info("actor")
         dp_size = max(wg._dispatch_info["actor"]) + 1
-        batch = upsample_batch_to_divisible_size(batch, self.preference.pad_multiple(dp_size),
+        n_pairs = sum(not t.get("is_padding", False) for t in batch.tags) // 2
+        batch = upsample_batch_to_divisible_size(batch, self.preference.pad_multiple(dp_size, n_pairs),
                                                  self.tokenizer.eos_token_id)
         self.preference.write_pair_fields(batch)
         return batch
