@@ -26,6 +26,9 @@ setup(
         "msgspec",
         "TransferQueue==0.1.11",
         "hydra-core>=1.3",
+        # Slurm sweeps: python -m recipe.main -m hydra/launcher=slurm_cpu|slurm_gpu|slurm_multinode
+        "hydra-submitit-launcher>=1.2",
+        "submitit>=1.5",
         "ray[default]>=2.41",
         "transformers>=5.5.3,<5.11",
         "tokenizers",

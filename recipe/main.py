@@ -116,13 +116,13 @@ def add_ray_env(cfg: DictConfig, **env: str) -> None:
     """Add environment variables for every Ray worker (``ray_kwargs.ray_init.runtime_env.env_vars``).
 
     Workers of a locally started cluster inherit the driver's environment anyway; this
-    also covers an existing cluster (``ray_kwargs.ray_init.address``).
+    also covers an existing cluster (``ray_kwargs.ray_init.address``, a multi-node Slurm
+    job's). Missing nodes are created (``DictConfig.setdefault`` would hand back a detached
+    dict for them, losing the variables); other entries of ``env_vars`` are kept.
     """
     with open_dict(cfg):
-        ray_init = cfg.ray_kwargs.setdefault("ray_init", {})
-        runtime_env = ray_init.setdefault("runtime_env", {})
-        env_vars = runtime_env.setdefault("env_vars", {})
-        env_vars.update(env)
+        for key, value in env.items():
+            OmegaConf.update(cfg, f"ray_kwargs.ray_init.runtime_env.env_vars.{key}", value, force_add=True)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -305,12 +305,36 @@ def run(cfg: DictConfig) -> None:
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point."""
+    """Hydra entry point (also the task function of each job of a ``-m`` sweep).
+
+    In a sweep (``hydra.mode=MULTIRUN``, e.g. ``-m hydra/launcher=slurm_cpu``) the job gets
+    its own ``trainer.experiment_name`` (:func:`recipe.slurm.apply_sweep_experiment_name`),
+    and inside a Slurm allocation :func:`recipe.slurm.ray_cluster_for_allocation` decides
+    whether this process trains (a single node, or rank 0 of a multi-node Ray cluster) or
+    only serves as a Ray node.
+
+    Exits with status 2 and a one-line message on a config error (``ConfigError``,
+    ``SlurmConfigError``, a missing file); in a sweep it re-raises instead, so that the
+    launcher reports that job as failed with the error (``sys.exit`` would end the job
+    without a result).
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from recipe.slurm import SlurmConfigError, apply_sweep_experiment_name, ray_cluster_for_allocation
+
     logging.basicConfig(level=logging.INFO)
     try:
-        run(cfg)
-    except (ConfigError, FileNotFoundError) as e:
+        apply_sweep_experiment_name(cfg)
+        with ray_cluster_for_allocation(cfg) as node:
+            if node.train:
+                run(cfg)
+            else:
+                print(f"[recipe] Ray worker node of the cluster at {node.address}: done", flush=True)
+    except (ConfigError, SlurmConfigError, FileNotFoundError) as e:
         print(f"[recipe] error: {e}", file=sys.stderr, flush=True)
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
         sys.exit(2)
 
 

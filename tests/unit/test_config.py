@@ -70,13 +70,26 @@ def _flatten(node, prefix: str = "") -> dict:
     return out
 
 
+def _group(p: Path) -> str:
+    """The Hydra group of a file, its key in ``hydra.runtime.choices``: ``data``, ``hydra/launcher``."""
+    return p.parent.relative_to(CONF_DIR).as_posix()
+
+
 def _own_leaves(p: Path) -> dict:
-    """The leaves a yaml file sets, as dotted keys of the composed config (unresolved)."""
+    """The leaves a yaml file sets, as dotted keys of the composed config (unresolved).
+
+    A group file's keys live under its package: ``# @package _global_`` at the root,
+    ``# @package hydra.launcher`` under ``hydra.launcher``, otherwise under the group name.
+    """
     raw = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
     raw.pop("defaults", None)
-    raw.pop("hydra", None)
-    if p.parent != CONF_DIR and "@package _global_" not in p.read_text():
-        raw = {p.parent.name: raw}
+    package = re.search(r"^# @package (\S+)", p.read_text(), re.M)
+    package = package.group(1) if package else p.parent.name
+    if not package.startswith("hydra"):
+        raw.pop("hydra", None)
+    if package != "_global_" and p.parent != CONF_DIR:
+        for part in reversed(package.split(".")):
+            raw = {part: raw}
     return _flatten(raw)
 
 
@@ -150,7 +163,7 @@ def test_every_yaml_composes_and_resolves(composer, path):
         assert choices["experiment"] == _override(path)[0].split("=", 1)[1]
         # presets name their own experiment (checked with the file's values above)
     elif path.parent != CONF_DIR:
-        assert choices[path.parent.name] == path.stem
+        assert choices[_group(path)] == path.stem
     if not _is_experiment(path):
         assert cfg.trainer.experiment_name == f"{choices['recipe']}_{choices['data']}_{choices['model']}"
     assert cfg.trainer.default_local_dir.endswith(f"runs/{cfg.trainer.experiment_name}")
