@@ -31,7 +31,7 @@ One training step is one iteration of online preference optimisation:
 State (replay counter, resets, the initial pairs, the RNG, theta_0 per rank) is saved with
 verl's checkpoints and restored on resume (:class:`recipe.trainer.RecipeTrainer`).
 
-Metrics: ``dpo/pairs``, ``dpo/skipped_groups``, ``dpo/fresh_rollouts``, ``dpo/reward_margin``,
+Metrics: ``dpo/pairs``, ``dpo/skipped_groups``, ``dpo/fresh_rollouts``, ``dpo/fresh_score_mean``, ``dpo/reward_margin``,
 ``dpo/reward_accuracy``, ``dpo/chosen_logps``, ``dpo/rejected_logps``, ``dpo/loss``,
 ``lorr/resets``, ``lorr/replay_index``, ``lorr/sft_weight``, ``lorr/sft_loss``,
 ``lorr/reused_initial``, ``lorr/reset_delta_norm``.
@@ -148,7 +148,7 @@ class PreferencePairSampler(GroupFilterReplayBuffer):
         pairs, stats = build_pairs(uids, scores, self.pref_cfg.pairs, rng=rng)
         pairs = [(real[c], real[r]) for c, r in pairs]
         metrics.update({"dpo/pairs": len(pairs), "dpo/skipped_groups": stats.skipped_no_gap,
-                        "dpo/fresh_rollouts": len(real)})
+                        "dpo/fresh_rollouts": len(real), "dpo/fresh_score_mean": float(np.mean(scores))})
         if not pairs:
             logger.warning("step %d: no group has a reward gap; no preference pair, no update", global_steps)
             for tag in batch.tags:

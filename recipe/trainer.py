@@ -179,14 +179,24 @@ class RecipeTrainer(PPOTrainerSync):
         self.preference.write_pair_fields(batch)
         return batch
 
+    def _pair_micro_batches(self, batch):
+        """Log-prob passes over preference pairs: micro-batches of whole pairs that divide
+        each rank's rows (verl's infer path needs rows % micro == 0, which the configured
+        log-prob micro size need not satisfy). Set per stage: verl's stages hand on the
+        ``KVBatchMeta`` that ``kv_batch_put`` returns, without ``extra_info``."""
+        if self.preference is not None:
+            batch.extra_info["micro_batch_size_per_gpu"] = 2 * self.preference.micro_pairs
+        return batch
+
     def _compute_ref_log_prob(self, batch, metrics):
+        batch = self._pair_micro_batches(batch)
         if self.preference is not None and self.preference.refresh_reference(self.actor_rollout_wg,
                                                                              self.global_steps):
             metrics["dpo/reference_refreshed"] = 1
         return super()._compute_ref_log_prob(batch, metrics)
 
     def _compute_old_log_prob(self, batch, metrics):
-        batch = super()._compute_old_log_prob(batch, metrics)
+        batch = super()._compute_old_log_prob(self._pair_micro_batches(batch), metrics)
         if self._replay:
             metrics.update(self._replay.after_old_log_prob(batch))
         return batch

@@ -40,8 +40,13 @@ def _run(artifacts: Path, name: str, steps: int, *extra: str):
 def test_iterative_dpo(artifacts):
     """One DPO pass per step against the policy at the start of the step: the reference is
     the policy itself when the loss is evaluated, so every reward margin is 0 and the DPO
-    loss is exactly -log sigmoid(0) = log 2 (up to float32 noise), yet the gradient is not 0."""
-    _, steps = _run(artifacts, "e2e_idpo", 2, "recipe=iterative_dpo")
+    loss is exactly -log sigmoid(0) = log 2 (up to float32 noise), yet the gradient is not 0.
+    Log-prob micro-batches of 64 rows (more than the step has) must still work."""
+    # log-prob micro-batches larger than the step's pair rows: the trainer must size them
+    # to whole pairs (verl's infer path asserts rows % micro == 0)
+    _, steps = _run(artifacts, "e2e_idpo", 2, "recipe=iterative_dpo",
+                    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64",
+                    "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=64")
     for step in (1, 2):
         m = steps[step]
         assert 1 <= m["dpo/pairs"] <= BATCH
