@@ -43,6 +43,25 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+#: Reward giving mixed groups from a random tiny model (tests/e2e/parity_reward.py).
+PARITY_REWARD = str(Path(__file__).with_name("parity_reward.py"))
+
+
+def run_parity_steps(artifacts: Path, name: str, steps: int, *extra: str):
+    """``run.sh`` for ``steps`` steps with the parity reward, checkpoints every 2 steps and no
+    validation; returns ``(process, {step: metrics})`` of run ``name``."""
+    proc = run_job(
+        artifacts,
+        f"trainer.experiment_name={name}",
+        f"trainer.total_training_steps={steps}",
+        "trainer.save_freq=2",
+        "trainer.test_freq=-1",
+        f"reward.custom_reward_function.path={PARITY_REWARD}",
+        *extra,
+    )
+    return proc, {r["step"]: r["data"] for r in read_metrics(artifacts / "runs" / name / "metrics.jsonl")}
+
+
 def test_main_job_two_steps_then_resume(artifacts):
     name = "e2e_main"
     run_dir = artifacts / "runs" / name

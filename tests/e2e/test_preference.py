@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e.test_main_job import read_metrics, run_job
+from tests.e2e.test_main_job import run_parity_steps as _run
 
-PARITY_REWARD = str(Path(__file__).with_name("parity_reward.py"))
 BATCH = 4  # data.train_batch_size of conf/device/cpu.yaml
 
 
@@ -23,18 +22,6 @@ BATCH = 4  # data.train_batch_size of conf/device/cpu.yaml
 def artifacts(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("artifacts_preference")
 
-
-def _run(artifacts: Path, name: str, steps: int, *extra: str):
-    proc = run_job(
-        artifacts,
-        f"trainer.experiment_name={name}",
-        f"trainer.total_training_steps={steps}",
-        "trainer.save_freq=2",
-        "trainer.test_freq=-1",
-        f"reward.custom_reward_function.path={PARITY_REWARD}",
-        *extra,
-    )
-    return proc, {r["step"]: r["data"] for r in read_metrics(artifacts / "runs" / name / "metrics.jsonl")}
 
 
 def test_iterative_dpo(artifacts):
