@@ -16,8 +16,9 @@ has used fewer rollouts. The comparison is therefore made on the rollout axis
 (``dpo/fresh_rollouts`` summed over steps): accuracy at the largest budget both recipes
 reached (the last validation of each within it), the rollouts each needed to reach a
 target accuracy, and the final numbers. Writes ``results.md`` / ``results.json`` and
-``curves.png`` (validation accuracy against rollouts; chosen / rejected log-probs, DPO
-reward accuracy and margin against step, resets marked) under ``--out``.
+``curves.png`` (validation accuracy and training reward against rollouts; chosen /
+rejected log-probs, DPO reward accuracy and margin, NLL of the chosen responses against
+step, resets marked) under ``--out``.
 """
 
 from __future__ import annotations
@@ -117,19 +118,22 @@ def table(stats: dict, seeds: list[int], budget: float, target: float) -> str:
 
 
 def plot(curves: dict, out: Path) -> Path:
-    """Validation accuracy against rollouts; chosen / rejected log-probs, DPO reward
-    accuracy and margin against step (resets marked)."""
+    """Validation accuracy and training reward (``dpo/fresh_score_mean``) against rollouts;
+    chosen / rejected log-probs, DPO reward accuracy and margin, chosen NLL against step
+    (resets marked)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(2, 2, figsize=(11, 7))
+    fig, ax = plt.subplots(2, 3, figsize=(16, 7))
     for (r, seed), c in sorted(curves.items()):
         roll = cumulative_rollouts(c)
         kw = {"color": COLORS[r], "alpha": 0.8, "label": f"{r} s{seed}", "marker": "o", "ms": 3}
         vs = sorted(c["val"])
         ax[0, 0].plot([roll[s] for s in vs], [c["val"][s] for s in vs], **kw)
+        score = series(c, "dpo/fresh_score_mean")  # training reward of the fresh rollouts
+        ax[0, 2].plot([roll[s] for s in score], list(score.values()), **kw)
         for key, ls in (("dpo/chosen_logps", "-"), ("dpo/rejected_logps", "--")):
             s_ = series(c, key)
             ax[0, 1].plot(list(s_), list(s_.values()), **dict(kw, ls=ls, label=f"{r} s{seed} {key.split('/')[1]}"))
@@ -147,6 +151,11 @@ def plot(curves: dict, out: Path) -> Path:
     ax[0, 1].set(xlabel="step", ylabel="sequence log-prob: chosen (solid), rejected (dashed)")
     ax[1, 0].set(xlabel="step", ylabel="dpo/reward_accuracy (mean over passes)")
     ax[1, 1].set(xlabel="step", ylabel="dpo/reward_margin (lines: LoRR resets)")
+    ax[0, 2].set(xlabel="rollouts generated", ylabel="training reward (fresh rollouts' mean score)")
+    sft = {k: series(c, "lorr/sft_loss") for k, c in curves.items()}
+    for (r, seed), s_ in sorted(sft.items()):
+        ax[1, 2].plot(list(s_), list(s_.values()), color=COLORS[r], marker="o", ms=3, label=f"{r} s{seed}")
+    ax[1, 2].set(xlabel="step", ylabel="lorr/sft_loss: per-token NLL of the chosen responses")
     for a in ax.flat:
         a.grid(alpha=0.3)
     ax[0, 0].legend(fontsize=7)
