@@ -222,12 +222,11 @@ def configure_preference(cfg: DictConfig) -> None:
     pref = cfg.get("preference") or {}
     if not pref.get("enable", False):
         return
-    from recipe.algos.preference import LorrConfig, PreferenceConfig, get_preference_loss
+    from recipe.algos.preference import LorrConfig, PreferenceConfig
 
     try:
         pcfg = PreferenceConfig.from_config(pref)
         LorrConfig.from_config(cfg.get("lorr"))
-        spec = get_preference_loss(pcfg.loss)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     actor = cfg.actor_rollout_ref.actor
@@ -246,13 +245,13 @@ def configure_preference(cfg: DictConfig) -> None:
     if actor.get("shuffle", False):
         raise ConfigError("preference.enable=true: actor_rollout_ref.actor.shuffle must be false "
                           "(pairs sit in consecutive rows)")
-    if spec.needs_reference and not actor.use_kl_loss and not cfg.algorithm.get("use_kl_in_reward", False):
+    if pcfg.needs_reference and not actor.use_kl_loss and not cfg.algorithm.get("use_kl_in_reward", False):
         raise ConfigError(f"preference.loss={pcfg.loss} needs a reference model: set "
                           "actor_rollout_ref.actor.use_kl_loss=true (verl builds its reference worker then; "
                           "the KL term itself is replaced by the preference loss)")
     lora = (cfg.actor_rollout_ref.model.get("lora") or {}).get("rank", 0) or cfg.actor_rollout_ref.model.get(
         "lora_rank", 0)
-    if spec.needs_reference and pcfg.reference == "iteration_start" and lora:
+    if pcfg.needs_reference and pcfg.reference == "iteration_start" and lora:
         raise ConfigError("preference.reference=iteration_start refreshes a separate reference model; with LoRA "
                           "(actor_rollout_ref.model.lora.rank > 0) the reference is the base model: "
                           "use preference.reference=initial")

@@ -49,7 +49,7 @@ import transfer_queue as tq
 from tensordict import TensorDict
 from transfer_queue import KVBatchMeta
 
-from recipe.algos.preference import LorrConfig, PreferenceConfig, build_pairs, get_preference_loss, reset_due, sft_weight
+from recipe.algos.preference import LorrConfig, PreferenceConfig, build_pairs, reset_due
 from recipe.rollout_replay import STAGE_FIELDS, sample_dicts
 from recipe.sampler import SKIP_UPDATE, GroupFilterReplayBuffer, response_metric
 from verl.utils.tensordict_utils import list_of_dict_to_tensordict
@@ -244,16 +244,12 @@ class PreferenceStage:
     def refresh_reference(self, worker_group, global_steps: int) -> bool:
         """With ``reference: iteration_start``: reference := policy at the first step of each
         block of ``iteration_steps`` steps. Returns whether it was refreshed."""
-        if self.pref.reference != "iteration_start" or not self.needs_reference:
+        if self.pref.reference != "iteration_start" or not self.pref.needs_reference:
             return False
         if (global_steps - 1) % self.pref.iteration_steps:
             return False
         worker_group.recipe_sync_reference()
         return True
-
-    @property
-    def needs_reference(self) -> bool:
-        return get_preference_loss(self.pref.loss).needs_reference
 
     def pad_multiple(self, dp_size: int, n_pairs: int) -> int:
         """Rows per update are padded to a multiple of 2 x (pairs per micro-batch) x dp size.
@@ -289,8 +285,7 @@ class PreferenceStage:
         passes: list[dict] = []
         weights = []
         for k in range(self.passes):
-            lam = sft_weight(k, self.lorr.sft.growth, self.lorr.sft.cap) if (self.lorr.enable and self.lorr.sft.enable) \
-                else 0.0
+            lam = self.lorr.sft_lambda(k)  # 0 unless LoRR and its SFT term are on
             weights.append(lam)
             put_all(batch, {"sft_weight": torch.full((len(batch),), float(lam))})
             batch.extra_info.update({

@@ -31,7 +31,6 @@ import torch
 
 from recipe.algos.preference import (
     PreferenceConfig,
-    get_preference_loss,
     preference_microbatch_loss,
     reset_named_parameters_,
     snapshot,
@@ -69,8 +68,7 @@ def preference_loss(config, model_output, data, dp_group=None, *, pref: Preferen
         ValueError: a pair split across micro-batches, or a missing reference.
     """
     log_prob = no_padding_2_padding(model_output["log_probs"], data)
-    spec = get_preference_loss(pref.loss)
-    fields = ["response_mask", *PAIR_FIELDS] + (["ref_log_prob"] if spec.needs_reference else [])
+    fields = ["response_mask", *PAIR_FIELDS] + (["ref_log_prob"] if pref.needs_reference else [])
     missing = [f for f in fields if f not in data.keys()]
     if missing:
         raise ValueError(f"preference loss: the micro-batch lacks {missing} (written by recipe.trainer)")
@@ -78,7 +76,7 @@ def preference_loss(config, model_output, data, dp_group=None, *, pref: Preferen
     num_pairs = int(round(float(td["num_pairs"].reshape(-1)[0]))) if len(td) else 0
     loss, metrics = preference_microbatch_loss(
         log_prob=log_prob,
-        ref_log_prob=td["ref_log_prob"] if spec.needs_reference else None,
+        ref_log_prob=td["ref_log_prob"] if pref.needs_reference else None,
         response_mask=td["response_mask"],
         pair_id=td["pair_id"].reshape(-1).long(),
         is_chosen=td["is_chosen"].reshape(-1).bool(),
