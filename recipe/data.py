@@ -23,12 +23,16 @@ Ground truth per dataset (the local files are described in ``shared/data/README.
   thousands commas removed (``"1,000"`` -> ``"1000"``) and stripped.
 * ``math`` (train; the 7,474 MATH training problems of ``math_train/math.json``): the
   ``answer`` field; when a row has none (hub rows of MATH carry only a ``solution``),
-  the content of the last ``\\boxed{...}`` of ``solution``. The four local rows with
+  the content of the last ``\\boxed{...}`` of ``solution`` (same rules as
+  ``minerva_math`` below). The four local rows with
   an empty answer are skipped with a warning.
 * ``math500`` (test): ``answer``.
 * ``minerva_math`` (test): the content of the LAST ``\\boxed{...}`` of ``solution``
-  (found by a brace-matching scan that ignores escaped ``\\{``/``\\}``, so nested
-  braces work); a row that has an ``answer`` field (the hub copy) uses it instead.
+  (found by :func:`recipe.reward.answers.last_boxed`, the same extractor the grader
+  applies to model answers: nested braces work, escaped ``\\{``/``\\}`` do not count,
+  ``\\fbox{...}`` and ``\\boxed 5`` count too, and a solution whose last box is
+  unclosed or empty is skipped as ``no_boxed_answer``, never graded against an earlier
+  box); a row that has an ``answer`` field (the hub copy) uses it instead.
 * ``olympiadbench`` (test; the 675 open-ended, text-only, English competition maths
   problems, ``OE_TO_maths_en_COMP``): ``final_answer`` is a list of LaTeX strings. In
   the real data every list has exactly one element, but 94 rows are
@@ -97,6 +101,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recipe.reward.answers import last_boxed
+
 logger = logging.getLogger("recipe.data")
 
 __all__ = [
@@ -112,7 +118,6 @@ __all__ = [
     "convert_rows",
     "convert_split",
     "default_source_dir",
-    "last_boxed",
     "load_records",
     "main",
     "olympiadbench_answer",
@@ -215,41 +220,6 @@ def resolve_template(template: str | PromptTemplate) -> PromptTemplate:
 
 
 # ---------------------------------------------------------------------- answer helpers
-
-
-def last_boxed(text: str) -> str | None:
-    """Returns the content of the last ``\\boxed{...}`` in ``text``.
-
-    Braces are matched by a scan that counts nesting and ignores escaped braces
-    (``\\{``, ``\\}``: a brace preceded by an odd number of backslashes).
-
-    Args:
-        text: LaTeX text, e.g. a solution.
-
-    Returns:
-        The stripped content of the last complete ``\\boxed{...}``, or ``None`` when
-        there is none (an unterminated last one falls back to the previous one).
-    """
-    if not isinstance(text, str):
-        return None
-    starts = [m.end() for m in re.finditer(r"\\boxed\s*\{", text)]
-    for start in reversed(starts):
-        depth = 1
-        i = start
-        while i < len(text):
-            ch = text[i]
-            if ch in "{}":
-                backslashes = 0
-                j = i - 1
-                while j >= 0 and text[j] == "\\":
-                    backslashes += 1
-                    j -= 1
-                if backslashes % 2 == 0:
-                    depth += 1 if ch == "{" else -1
-                    if depth == 0:
-                        return text[start:i].strip()
-            i += 1
-    return None
 
 
 def _text(value: Any) -> str | None:

@@ -8,7 +8,9 @@ uninterruptible C code (E-notation numbers, power towers), allocate many gigabyt
 follows the one that held up there:
 
 * **Before parsing** (in the calling process, pure string code, linear time): only the last
-  ``\\boxed{...}`` / ``\\fbox{...}`` is graded (found by a linear brace scan); its content is
+  ``\\boxed{...}`` / ``\\fbox{...}`` is graded (found by
+  :func:`recipe.reward.answers.find_last_box`, the same extractor that
+  :mod:`recipe.data` uses for gold answers; an unclosed last box is no answer); its content is
   rejected when longer than ``max_boxed_chars``, nested deeper than ``max_nesting_depth``,
   containing an exponent (or a power tower, or E-notation) worth more than
   ``max_exponent_digits`` digits, or a factorial of a number with more than
@@ -24,9 +26,9 @@ follows the one that held up there:
   kill) gives status ``error``. The caller never runs math-verify itself, so the pool can be
   used from any thread and from asyncio.
 
-Public API: :func:`last_boxed`, :func:`gsm8k_answer`, :func:`extract_answer`,
-:class:`GradeResult`, :class:`GraderConfig`, :class:`SafeGrader`, :func:`get_grader`,
-:func:`close_all_graders`.
+Public API: :func:`last_boxed` (re-exported from :mod:`recipe.reward.answers`),
+:func:`gsm8k_answer`, :func:`extract_answer`, :class:`GradeResult`, :class:`GraderConfig`,
+:class:`SafeGrader`, :func:`get_grader`, :func:`close_all_graders`.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from decimal import Decimal, InvalidOperation
 from typing import Any, Iterable, Sequence
+
+from recipe.reward.answers import TOO_LONG, find_last_box, last_boxed
 
 logger = logging.getLogger(__name__)
 
@@ -74,90 +78,7 @@ _STYLES = ("boxed", "gsm8k")
 # Answer extraction (pure functions, run in the calling process)
 # ---------------------------------------------------------------------------------------
 
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
-# One escaped character (``\{``, ``\}``, ``\\``) or one brace.
-_BRACE_TOKEN_RE = re.compile(r"\\.|[{}]", re.DOTALL)
 _GSM8K_NUMBER_RE = re.compile(r"\s*(?:\\\$|\$)?\s*(-?\s*[0-9][0-9,]*(?:\.[0-9]+)?|-?\s*\.[0-9]+)")
-
-_NOT_FOUND = object()
-_TOO_LONG = object()
-
-
-def _match_brace(text: str, open_pos: int, max_chars: int | None = None) -> Any:
-    """Scan a brace group starting at ``text[open_pos] == '{'``.
-
-    Returns the content as a string, ``_NOT_FOUND`` if the group is never closed, or
-    ``_TOO_LONG`` if its content exceeds ``max_chars`` characters (only when given). Escaped
-    braces (``\\{``) do not count. Linear in the scanned length (regex-driven).
-    """
-    depth = 1
-    start = open_pos + 1
-    end = len(text) if max_chars is None else min(len(text), start + max_chars + 1)
-    for m in _BRACE_TOKEN_RE.finditer(text, start, end):
-        tok = m.group()
-        if tok == "{":
-            depth += 1
-        elif tok == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start : m.start()]
-    if max_chars is not None and end < len(text):
-        return _TOO_LONG
-    return _NOT_FOUND
-
-
-def _find_last_box(text: str, max_chars: int | None = None) -> Any:
-    """Content of the last ``\\boxed``/``\\fbox``; or ``_NOT_FOUND`` / ``_TOO_LONG``."""
-    if not text:
-        return _NOT_FOUND
-    n = len(text)
-    pos = n
-    while pos > 0:
-        i = max(text.rfind(cmd, 0, pos) for cmd in _BOX_COMMANDS)
-        if i < 0:
-            return _NOT_FOUND
-        cmd = "\\boxed" if text.startswith("\\boxed", i) else "\\fbox"
-        j = i + len(cmd)
-        if j < n and (text[j].isalpha() or text[j] == "@"):
-            pos = i  # another command such as \boxedfoo: keep looking further left
-            continue
-        k = j
-        while k < n and text[k].isspace():
-            k += 1
-        if k >= n:
-            return _NOT_FOUND  # truncated right after \boxed
-        if text[k] == "{":
-            return _match_brace(text, k, max_chars)
-        if k > j:
-            # "\boxed 5$" form: one token up to the next "$" or end of line.
-            stop = len(text) if max_chars is None else min(len(text), k + max_chars + 1)
-            rest = text[k:stop]
-            token = rest.split("$", 1)[0].split("\n", 1)[0]
-            if max_chars is not None and len(token) > max_chars:
-                return _TOO_LONG
-            token = token.strip()
-            return token if token else _NOT_FOUND
-        return _NOT_FOUND  # e.g. "\boxed\frac12": not a form we grade
-    return _NOT_FOUND
-
-
-def last_boxed(text: str | None) -> str | None:
-    """Return the content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``.
-
-    A linear brace scan; nested braces are handled and escaped braces (``\\{``) ignored. The
-    ``\\boxed 5`` form (a space then one token, ended by ``$`` or a newline) is accepted too.
-
-    Args:
-        text: Model response.
-
-    Returns:
-        The content of the last box (may be an empty string for ``\\boxed{}``), or ``None``
-        when there is no box or the last box is never closed.
-    """
-    if not text:
-        return None
-    res = _find_last_box(text)
-    return res if isinstance(res, str) else None
 
 
 def gsm8k_answer(text: str | None) -> str | None:
@@ -885,8 +806,8 @@ class SafeGrader:
             raise ValueError(f"unknown answer style {style!r}; expected one of {_STYLES}")
         text = pred_text if isinstance(pred_text, str) else ("" if pred_text is None else str(pred_text))
         gold = gold if isinstance(gold, str) else str(gold)
-        box = _find_last_box(text, cfg.max_boxed_chars)
-        if box is _TOO_LONG:
+        box = find_last_box(text, cfg.max_boxed_chars)
+        if box is TOO_LONG:
             return GradeResult(False, "rejected", None, 0.0, "too_long")
         if isinstance(box, str):
             pred = box.strip()

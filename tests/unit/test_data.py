@@ -291,12 +291,22 @@ def test_unknown_dataset(tmp_path):
 # ---------------------------------------------------------------------- answer helpers
 
 
-def test_last_boxed():
-    assert rd.last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
-    assert rd.last_boxed("\\boxed{\\{1, 2\\}}") == "\\{1, 2\\}"
-    assert rd.last_boxed("\\boxed{\\left\\{ x \\right.}") == "\\left\\{ x \\right."
-    assert rd.last_boxed("\\boxed{2} then \\boxed{unterminated") == "2"
-    assert rd.last_boxed("no box") is None
+def test_boxed_gold_answers():
+    """Gold answers from a solution's last box follow recipe.reward.answers (tests/unit/test_answers.py)."""
+    solutions = [
+        "a \\boxed{1} b \\boxed{\\frac{1}{2}} c",
+        "\\boxed{\\{1, 2\\}}",
+        "\\boxed{\\left\\{ x \\right.}",
+        "\\fbox{3}",
+        "so $\\boxed 5$.",
+        "\\boxed{2} then \\boxed{unterminated",  # unclosed last box: skipped, not "2"
+        "\\boxed{}",
+        "no box",
+    ]
+    res = rd.convert_rows("minerva_math", "test", [{"problem": "Q", "solution": s} for s in solutions])
+    truths = {r["extra_info"]["index"]: r["reward_model"]["ground_truth"] for r in res.records}
+    assert truths == {0: "\\frac{1}{2}", 1: "\\{1, 2\\}", 2: "\\left\\{ x \\right.", 3: "3", 4: "5"}
+    assert res.skipped["no_boxed_answer"] == 3
 
 
 def test_olympiadbench_answer_rules():
