@@ -13,6 +13,16 @@ setup(
     version="0.1.0",
     description="Sample-efficient RL recipes (RAFT++, Reinforce-Rej, GRPO, LoRR, DOTS, replay) as a verl plugin",
     packages=find_packages(include=["recipe", "recipe.*", "verl_patches", "verl_patches.*"]),
+    # Spelled out on purpose: with package_dir {"": "."}, setuptools' default editable
+    # install (`pip install -e .`, PEP 660, no --config-settings) writes a static .pth
+    # holding the checkout root, a plain sys.path entry. Without it this flat layout gets
+    # setuptools' import finder instead, appended to sys.meta_path after PathFinder, which
+    # never sees `import recipe`: PathFinder already returns the `recipe/` namespace folder
+    # that TransferQueue installs into site-packages (from any cwd but the repo root).
+    # With a path entry, the regular package wins wherever it sits on sys.path, since
+    # namespace portions are used only when no entry holds a regular package or module.
+    # tests/install/test_install.py checks this in a fresh venv.
+    package_dir={"": "."},
     package_data={"": ["*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
