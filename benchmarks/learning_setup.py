@@ -8,7 +8,7 @@ benchmark (issue 5); runnable on its own::
 Steps (each skipped when its output already exists in the cache folder; the folder name
 carries a hash of the settings, so changed settings build a new one):
 
-1. **Data** (:mod:`recipe.tasks.arithmetic`): 2-digit addition (user ``What is 37+58?``,
+1. **Data** (:mod:`benchmarks.tasks.arithmetic`): 2-digit addition (user ``What is 37+58?``,
    system: the step-by-step / ``\\boxed{}`` instruction of the ``qwen_math_cot`` prompt),
    four disjoint parquet files drawn from one seeded
    stream: ``test`` (RL validation, drawn first), ``sft`` (warm-start targets: the worked
@@ -18,7 +18,7 @@ carries a hash of the settings, so changed settings build a new one):
    2 layers, MLP 256 (156 k parameters), with the local byte-level BPE tokenizer trained on the task's own text
    (at most 512 tokens, 450 with the defaults: digits stay single tokens, the Qwen2.5 chat template and specials are
    kept, so prompts look as verl renders them for Qwen2.5).
-3. **Warm start** (:func:`recipe.sft.train_sft`, transformers' ``Trainer``): SFT on the
+3. **Warm start** (:func:`benchmarks.sft.train_sft`, transformers' ``Trainer``): SFT on the
    ``sft`` split, evaluated every ``eval_every`` steps on ``dev`` (sampling at the RL
    temperature) and graded with the project's math grader; it stops at the first
    evaluation reaching ``stop_at_acc``. The tiny model learns the scratchpad in a few
@@ -52,7 +52,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from recipe.data import write_parquet  # noqa: E402
-from recipe.tasks import arithmetic as ar  # noqa: E402
+from benchmarks.tasks import arithmetic as ar  # noqa: E402
 
 #: Bump when the build changes in a way the settings do not capture (invalidates caches).
 SETUP_VERSION = 1
@@ -170,7 +170,7 @@ def measure(model_dir: Path, test: Path, cfg: LearningSetupConfig) -> dict[str, 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from recipe.sft import evaluate_accuracy, load_pairs
+    from benchmarks.sft import evaluate_accuracy, load_pairs
 
     torch.set_num_threads(cfg.threads)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -193,7 +193,7 @@ def token_lengths(model_dir: Path, paths: list[Path]) -> dict[str, int]:
     worked-solution target (+ eos), in tokens, over the given splits."""
     from transformers import AutoTokenizer
 
-    from recipe.sft import encode_pair, load_pairs
+    from benchmarks.sft import encode_pair, load_pairs
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     prompt = response = 0
@@ -228,7 +228,7 @@ def build_setup(
             ``[band_lo, band_hi]`` (the message says which setting to change).
     """
     from recipe.models import build_tiny_model, is_complete_model_dir
-    from recipe.sft import SFTConfig, train_sft
+    from benchmarks.sft import SFTConfig, train_sft
 
     def log(msg: str) -> None:
         if verbose:

@@ -72,7 +72,7 @@ The first form writes ``DIR/<dataset>/<split>.parquet`` for every split of each 
 dataset (``--datasets all`` for all of them) and prints one summary line per file. The
 second validates an existing verl-format parquet file and copies it unchanged to
 ``FILE``. Every output is written to a temporary file in the destination directory
-and then moved into place with :func:`os.replace`, so a reader never sees half a file.
+and then moved into place (:mod:`recipe.io`), so a reader never sees half a file.
 
 The local source directory defaults to ``$RECIPE_SHARED_DIR/data`` when that variable
 is set, else to ``../shared/data`` relative to the repository root (the parent of the
@@ -92,7 +92,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +101,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recipe.reward.answers import last_boxed
+from recipe.io import atomic_write
 
 logger = logging.getLogger("recipe.data")
 
@@ -773,11 +773,6 @@ def load_records(
 # ----------------------------------------------------------------------------- output
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-
-
 def write_parquet(records: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     """Writes verl-format records to a parquet file atomically.
 
@@ -816,16 +811,7 @@ def write_parquet(records: list[dict[str, Any]], path: str | os.PathLike) -> Pat
                 ),
             }
         )
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: pq.write_table(table, str(tmp)))
 
 
 @dataclass
@@ -1001,15 +987,7 @@ def passthrough(input_path: str | os.PathLike, out_path: str | os.PathLike) -> i
     out_path = Path(out_path)
     if out_path.exists() and Path(input_path).resolve() == out_path.resolve():
         return n
-    fd, tmp = _atomic_target(out_path)
-    try:
-        with os.fdopen(fd, "wb") as dst, open(input_path, "rb") as src:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(out_path, lambda tmp: shutil.copyfile(input_path, tmp))
     return n
 
 

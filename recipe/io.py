@@ -93,22 +93,33 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
-        old = None
-        if path.exists() or path.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            old.rmdir()
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old is not None and not path.exists():
-                os.replace(old, path)
-            raise
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
+        publish_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Move a finished folder ``tmp`` to ``path`` (same file system), replacing what is there.
+
+    An existing ``path`` is moved aside first and removed once ``tmp`` is in place; if that
+    rename fails it is moved back, so ``path`` is never missing after an error.
+    """
+    tmp, path = Path(tmp), Path(path)
+    old = None
+    if path.exists() or path.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        old.rmdir()
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None and not path.exists():
+            os.replace(old, path)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    return path

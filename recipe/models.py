@@ -36,6 +36,8 @@ Example::
 
 from __future__ import annotations
 
+from recipe.io import publish_dir
+
 import argparse
 import itertools
 import json
@@ -526,26 +528,6 @@ def _round_up(n: int, multiple: int) -> int:
     return ((n + multiple - 1) // multiple) * multiple
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Moves ``tmp`` to ``out``, replacing any existing ``out`` with two renames."""
-    old = None
-    if out.exists() or out.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        old.rmdir()
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None and not out.exists():
-            os.replace(old, out)
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-
-
 def build_tiny_model(
     out_dir: str | os.PathLike[str],
     tokenizer: str = "local",
@@ -712,7 +694,7 @@ def build_tiny_model(
             if verbose:
                 print(f"[recipe.models] {out} was completed by another process; left alone")
             return out
-        _replace_dir(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
+from recipe.io import atomic_write_text
+
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 logger = logging.getLogger("recipe.slurm")
@@ -415,14 +417,7 @@ def _start_ray_node(cmd: list[str]) -> subprocess.Popen:
 
 def _write_token(path: Path) -> str:
     token = secrets.token_hex(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, token, mode=0o600)
     return token
 
 

@@ -31,7 +31,10 @@ make the attention nearly uniform for unit vectors.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
+from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +43,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from recipe.config import IDENTITY_TEMPERATURE
+from recipe.io import atomic_torch_save  # softmax temperature on cosine similarity without an adapter
+
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "Adapter", "Calibration", "DotsSelector", "IDENTITY_TEMPERATURE", "adaptive_difficulty",
     "attention_predict", "fit_calibration", "leave_one_out_predict", "pearson",
@@ -47,7 +55,6 @@ __all__ = [
 ]
 
 EPS = 1e-4  #: clip for logit(d_hat): d_hat in [EPS, 1 - EPS].
-IDENTITY_TEMPERATURE = 0.1  #: softmax temperature on cosine similarity without an adapter.
 _CHUNK = 8192  #: query rows per matmul chunk in attention_predict.
 
 
@@ -489,3 +496,134 @@ class DotsSelector:
         self.used[:] = False
         self.used[np.asarray(state["used"], dtype=np.int64)] = True
         self.rng.bit_generator.state = state["rng"]
+
+
+# ----------------------------------------------------------------------------- adapter training (offline)
+
+#: Format tag of :func:`save_adapter` files.
+ADAPTER_FORMAT = "recipe.dots.adapter/1"
+
+def _batches(groups: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+    """[(query rows, rows of their group)] for one epoch, groups with >= 2 questions only."""
+    out = []
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        if members.size < 2:
+            continue
+        perm = rng.permutation(members)
+        out += [(perm[lo:lo + batch_size], members) for lo in range(0, perm.size, batch_size)]
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def _batch_loss(adapter: Adapter, emb: torch.Tensor, diff: torch.Tensor, queries, members, ref_size: int,
+                rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ref = rng.choice(members, size=min(ref_size, members.size), replace=False)
+    mask = torch.as_tensor(ref[None, :] != queries[:, None])
+    pred = adapter(emb[queries], emb[ref], diff[ref], mask)
+    return torch.nn.functional.binary_cross_entropy(pred, diff[queries]), pred
+
+
+def evaluate_adapter(adapter: Adapter, emb, difficulty, groups=None, ref_size: int = 256, seed: int = 0):
+    """Mean BCE and Pearson of adapter predictions vs measured difficulty, eval mode, fixed references.
+
+    Args: as :func:`train_adapter`. Returns: (bce, pearson) floats.
+    """
+    e, d = torch.as_tensor(np.asarray(emb, np.float32)), torch.as_tensor(np.asarray(difficulty, np.float32))
+    g = np.zeros(len(d), dtype=np.int64) if groups is None else np.asarray(groups)
+    rng, was = np.random.default_rng(seed), adapter.training
+    adapter.eval()
+    preds, targets, total = [], [], 0.0
+    with torch.no_grad():
+        for queries, members in _batches(g, 256, rng):
+            loss, pred = _batch_loss(adapter, e, d, queries, members, ref_size, rng)
+            total += float(loss) * len(queries)
+            preds.append(pred.numpy())
+            targets.append(d[queries].numpy())
+    adapter.train(was)
+    n = sum(len(t) for t in targets)
+    if n == 0:
+        raise ValueError("evaluate_adapter: no group has 2 or more questions")
+    return total / n, pearson(np.concatenate(preds), np.concatenate(targets))
+
+
+def train_adapter(emb, difficulty, groups=None, epochs: int = 20, lr: float = 1e-3, batch_size: int = 256,
+                  ref_size: int = 256, hidden: int = 896, dropout: float = 0.1, weight_decay: float = 0.01,
+                  seed: int = 0) -> tuple[Adapter, dict]:
+    """Trains an :class:`Adapter` with BCE on logged difficulties (paper: 20 epochs, AdamW lr 1e-3, batch 256).
+
+    Args:
+        emb: [M, H] embeddings of the M logged (question, step) records.
+        difficulty: [M] measured difficulties in [0, 1].
+        groups: [M] group ids (the records' ``step``); None = one group.
+        epochs, lr, batch_size, weight_decay: optimiser settings. ref_size: references per batch
+            (>= 2). hidden, dropout: adapter size. seed: torch + numpy seed.
+
+    Returns:
+        (trained adapter in eval mode, {"epoch_loss": [mean BCE per epoch]}).
+
+    Raises:
+        ValueError: shape mismatch, ref_size < 2, or no group with >= 2 questions.
+    """
+    e, d = np.asarray(emb, np.float32), np.asarray(difficulty, np.float32).reshape(-1)
+    g = np.zeros(len(d), dtype=np.int64) if groups is None else np.asarray(groups).reshape(-1)
+    if e.ndim != 2 or e.shape[0] != d.shape[0] or g.shape[0] != d.shape[0] or ref_size < 2:
+        raise ValueError(f"train_adapter: emb [M, H], difficulty [M], groups [M], ref_size >= 2; got "
+                         f"{e.shape}, {d.shape}, {g.shape}, {ref_size}")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    adapter = Adapter(e.shape[1], hidden=hidden, dropout=dropout)
+    adapter.set_input_stats(e)
+    opt = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=weight_decay)
+    te, td = torch.from_numpy(e), torch.from_numpy(d)
+    history: dict = {"epoch_loss": []}
+    adapter.train()
+    for epoch in range(epochs):
+        batches = _batches(g, batch_size, rng)
+        if not batches:
+            raise ValueError("train_adapter: no group has 2 or more questions")
+        total, count, start = 0.0, 0, time.perf_counter()
+        for queries, members in batches:
+            loss, _ = _batch_loss(adapter, te, td, queries, members, ref_size, rng)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, count = total + float(loss.detach()) * len(queries), count + len(queries)
+        history["epoch_loss"].append(total / count)
+        logger.info("dots adapter: epoch %d/%d BCE %.4f (%.1fs)", epoch + 1, epochs, total / count,
+                    time.perf_counter() - start)
+    adapter.eval()
+    return adapter, history
+
+
+def save_adapter(adapter: Adapter, path, **extra) -> None:
+    """Saves {"format", "state_dict", "in_dim", "hidden", "layers", "dropout", **extra} atomically."""
+    blob = {"format": ADAPTER_FORMAT, "state_dict": adapter.state_dict(), "in_dim": adapter.in_dim,
+            "hidden": adapter.hidden, "layers": adapter.layers, "dropout": adapter.dropout, **extra}
+    atomic_torch_save(blob, path)
+
+
+def load_adapter(path, map_location: str = "cpu") -> Adapter:
+    """Loads a :func:`save_adapter` file into an :class:`Adapter` (eval mode).
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: not an adapter file, a missing key or
+            mismatched weights (names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file not found: {path}")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable adapter checkpoint: {err}") from None
+    if not isinstance(blob, dict) or blob.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{path}: not an adapter checkpoint (format {ADAPTER_FORMAT!r} expected)")
+    for key in ("state_dict", "in_dim", "hidden", "layers", "dropout"):
+        if key not in blob:
+            raise ValueError(f"{path}: adapter checkpoint lacks key {key!r}")
+    adapter = Adapter(int(blob["in_dim"]), int(blob["hidden"]), int(blob["layers"]), float(blob["dropout"]))
+    try:
+        adapter.load_state_dict(blob["state_dict"])
+    except RuntimeError as err:
+        raise ValueError(f"{path}: adapter weights do not match its sizes: {err}") from None
+    return adapter.eval()

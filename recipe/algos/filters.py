@@ -14,13 +14,14 @@ generation rounds. Per-response correctness comes from ``reward_extra_info[cfg.m
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+
+from recipe.config import GroupFilterConfig
 
 __all__ = [
     "GroupDecision",
@@ -33,105 +34,6 @@ __all__ = [
 
 #: Tolerance for "all correct" (acc == 1), "all wrong" (acc == 0) and the band edges.
 ACC_TOL = 1e-6
-MODES = ("drop", "refill")
-_PREFIX = "group_filter"
-
-
-@dataclass
-class GroupFilterConfig:
-    """Which groups to drop, and what to do about the missing ones.
-
-    Attributes:
-        drop_all_correct: drop groups whose responses are all correct (acc == 1).
-        drop_all_wrong: drop groups whose responses are all wrong (acc == 0); the paper's
-            largest single gain.
-        band: keep only groups with lo <= acc <= hi (inclusive); None = no band.
-        mode: "drop" = train on what is left (Minimalist paper); "refill" = generate more
-            prompts until the batch is full (DAPO dynamic sampling).
-        max_gen_rounds: refill mode: generation rounds per step, the first one included.
-        metric: ``reward_extra_info`` key with per-response correctness in [0, 1].
-        oversample: refill mode: ask for ceil(missing * oversample) new prompts.
-    """
-
-    drop_all_correct: bool = False
-    drop_all_wrong: bool = False
-    band: tuple[float, float] | None = None
-    mode: str = "drop"
-    max_gen_rounds: int = 4
-    metric: str = "acc"
-    oversample: float = 1.0
-
-    def __post_init__(self) -> None:
-        for key in ("drop_all_correct", "drop_all_wrong"):
-            value = getattr(self, key)
-            if not isinstance(value, (bool, np.bool_)):
-                raise ValueError(f"{_PREFIX}.{key} must be true or false, got {value!r}")
-            setattr(self, key, bool(value))
-        if self.band is not None:
-            if isinstance(self.band, (str, bytes, Mapping)):
-                raise ValueError(f"{_PREFIX}.band must be [lo, hi] or null, got {self.band!r}")
-            try:
-                band = list(self.band)
-            except TypeError:
-                raise ValueError(f"{_PREFIX}.band must be [lo, hi] or null, got {self.band!r}") from None
-            if len(band) != 2 or not all(_is_number(v) for v in band):
-                raise ValueError(f"{_PREFIX}.band must be two numbers [lo, hi], got {self.band!r}")
-            lo, hi = float(band[0]), float(band[1])
-            if not 0.0 <= lo <= hi <= 1.0:
-                raise ValueError(f"{_PREFIX}.band must satisfy 0 <= lo <= hi <= 1, got [{lo}, {hi}]")
-            self.band = (lo, hi)
-        if self.mode not in MODES:
-            raise ValueError(f"{_PREFIX}.mode must be one of {MODES}, got {self.mode!r}")
-        if isinstance(self.max_gen_rounds, bool) or not isinstance(self.max_gen_rounds, (int, np.integer)):
-            raise ValueError(f"{_PREFIX}.max_gen_rounds must be an integer >= 1, got {self.max_gen_rounds!r}")
-        if self.max_gen_rounds < 1:
-            raise ValueError(f"{_PREFIX}.max_gen_rounds must be >= 1, got {self.max_gen_rounds}")
-        self.max_gen_rounds = int(self.max_gen_rounds)
-        if not isinstance(self.metric, str) or not self.metric:
-            raise ValueError(f"{_PREFIX}.metric must be a non-empty string, got {self.metric!r}")
-        if not _is_number(self.oversample) or not self.oversample >= 1.0:
-            raise ValueError(f"{_PREFIX}.oversample must be a number >= 1, got {self.oversample!r}")
-        self.oversample = float(self.oversample)
-
-    @property
-    def enabled(self) -> bool:
-        """True when some group can be dropped."""
-        return self.drop_all_correct or self.drop_all_wrong or self.band is not None
-
-    @classmethod
-    def from_config(cls, obj: Any) -> GroupFilterConfig:
-        """Build from a dict, an omegaconf DictConfig, a GroupFilterConfig or None (defaults).
-
-        Raises:
-            ValueError: an unknown key or a bad value; the message names ``group_filter.<key>``.
-        """
-        if obj is None:
-            return cls()
-        if isinstance(obj, cls):
-            return obj
-        try:
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(obj, DictConfig):
-                obj = OmegaConf.to_container(obj, resolve=True)
-        except ImportError:  # pragma: no cover - omegaconf ships with verl
-            pass
-        if not isinstance(obj, Mapping):
-            raise ValueError(f"{_PREFIX} must be a mapping or null, got {type(obj).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(obj) - known)
-        if unknown:
-            raise ValueError(f"{_PREFIX}.{unknown[0]} is not an option; known: {sorted(known)}")
-        kwargs = {k: v for k, v in obj.items() if v is not None or k == "band"}
-        return cls(**kwargs)
-
-
-def _is_number(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        return False
-    return math.isfinite(value)
-
-
 @dataclass
 class GroupDecision:
     """Outcome of :func:`decide_groups`; every uid is in exactly one list, in input order."""

@@ -28,100 +28,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from recipe.config import ReplayConfig, is_int as _is_int, is_real as _is_real
+
 __all__ = [
     "ReplayConfig", "ReplayGroup", "RolloutReplayBuffer", "fresh_count", "behaviour_weights", "plain_old_log_prob",
     "plain_clip_loss", "decoupled_clip_loss",
 ]
 
-CORRECTIONS = ("plain", "decoupled", "none")
 #: Log-ratio clamp before exp, as verl's ``rollout_corr_helper.SAFETY_BOUND`` (exp(20) ~ 4.9e8).
 LOG_RATIO_BOUND = 20.0
 #: Config keys whose change makes a saved buffer invalid (checked by ``load_state_dict``).
 _STATE_KEYS = ("capacity", "store_only_mixed", "dedup_by_prompt", "metric", "seed")
 _TOL = 1e-6  # a mean correctness within 1e-6 of 0 or 1 counts as all wrong / all correct
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
-        and math.isfinite(v)
-
-
-@dataclass
-class ReplayConfig:
-    """The ``replay`` config group (DOTS + RR rollout replay).
-
-    Attributes:
-        enable: replay at all; False = every step all fresh (plain GRPO).
-        capacity: C, buffer size in groups (paper: 256 or 512); the oldest group is evicted.
-        fresh_fraction: delta in (0, 1], fraction of the B groups of a step generated fresh (0.5).
-        store_only_mixed: store only groups with 0 < mean correctness < 1 (paper).
-        dedup_by_prompt: a new group of a stored prompt replaces the old one (public code).
-        correction: off-policy correction of replayed rows: "plain" (paper), "decoupled"
-            (public code) or "none".
-        truncation: c >= 1 caps the behaviour weight pi_old / mu (None = no cap, as paper/code).
-        reuse_advantages: replayed groups keep the advantages stored with them (paper) instead of
-            recomputed ones (identical for group-relative estimators such as GRPO).
-        seed: seed of the sampling generator.
-        metric: ``reward_extra_info`` key with per-response correctness in [0, 1].
-    """
-
-    enable: bool = False
-    capacity: int = 256
-    fresh_fraction: float = 0.5
-    store_only_mixed: bool = True
-    dedup_by_prompt: bool = True
-    correction: str = "decoupled"
-    truncation: float | None = None
-    reuse_advantages: bool = True
-    seed: int = 0
-    metric: str = "acc"
-
-    def __post_init__(self) -> None:
-        for key in ("enable", "store_only_mixed", "dedup_by_prompt", "reuse_advantages"):
-            if not isinstance(getattr(self, key), (bool, np.bool_)):
-                raise ValueError(f"replay.{key} must be true or false, got {getattr(self, key)!r}")
-            setattr(self, key, bool(getattr(self, key)))
-        if not _is_int(self.capacity) or self.capacity <= 0:
-            raise ValueError(f"replay.capacity must be an integer > 0, got {self.capacity!r}")
-        if not _is_real(self.fresh_fraction) or not 0.0 < self.fresh_fraction <= 1.0:
-            raise ValueError(f"replay.fresh_fraction must lie in (0, 1], got {self.fresh_fraction!r}")
-        if self.correction not in CORRECTIONS:
-            raise ValueError(f"replay.correction must be one of {CORRECTIONS}, got {self.correction!r}")
-        if self.truncation is not None and (not _is_real(self.truncation) or self.truncation < 1.0):
-            raise ValueError(f"replay.truncation must be null or a number >= 1, got {self.truncation!r}")
-        if not _is_int(self.seed):
-            raise ValueError(f"replay.seed must be an integer, got {self.seed!r}")
-        if not isinstance(self.metric, str) or not self.metric:
-            raise ValueError(f"replay.metric must be a non-empty string, got {self.metric!r}")
-        self.capacity, self.seed, self.fresh_fraction = int(self.capacity), int(self.seed), float(self.fresh_fraction)
-        self.truncation = None if self.truncation is None else float(self.truncation)
-
-    @classmethod
-    def from_config(cls, node: Mapping[str, Any] | ReplayConfig | None) -> ReplayConfig:
-        """Build from a dict, an omegaconf DictConfig or None (defaults).
-
-        Raises:
-            ValueError: unknown keys (all named) or a bad value; messages name ``replay.<key>``.
-        """
-        if node is None:
-            return cls()
-        if isinstance(node, cls):
-            return node
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(node, DictConfig):
-            node = OmegaConf.to_container(node, resolve=True)
-        if not isinstance(node, Mapping):
-            raise ValueError(f"replay must be a mapping or null, got {type(node).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(str(k) for k in node if k not in known)
-        if unknown:
-            raise ValueError(f"unknown option(s) {', '.join('replay.' + k for k in unknown)}; known: {sorted(known)}")
-        return cls(**node)
 
 
 def fresh_count(fresh_fraction: float, batch_groups: int) -> int:

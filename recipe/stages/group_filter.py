@@ -1,23 +1,29 @@
-"""Group filters inside verl's V1 sampling stage (a custom ``ReplayBuffer``).
+"""The group filter inside verl's V1 sampling stage: the sampler every recipe uses.
 
-verl's V1 trainer takes each training batch from a replay buffer that reads finished
-rollout groups (rewards already computed) from TransferQueue; a custom one plugs in with
-``trainer.v1.sampler.custom_sampler.{path,name}``. :class:`GroupFilterReplayBuffer` is
-verl's synchronous ``ReplayBuffer`` with this project's group filter applied between
-reward and advantage: whole groups (all responses of one prompt, one ``uid``) are kept or
-dropped by their accuracy (:mod:`recipe.algos.filters`):
+verl's V1 trainer takes each training batch from a sampler (a ``ReplayBuffer`` in verl's
+words) that reads finished rollout groups (rewards already computed) from TransferQueue; a
+custom one plugs in with ``trainer.v1.sampler.custom_sampler.{path,name}``
+(``conf/config.yaml`` sets :class:`GroupFilterSampler`). It is verl's synchronous sampler
+with this project's group filter applied between reward and advantage: whole groups (all
+responses of one prompt, one ``uid``) are kept or dropped by their accuracy
+(:mod:`recipe.algos.filters`, settings :class:`recipe.config.GroupFilterConfig`):
 
 - ``mode: drop`` (the Minimalist paper's Reinforce-Rej): train on the groups that are left;
-  if none is left the update is skipped with a warning (:class:`recipe.trainer.RecipeTrainer`).
+  if none is left the update is skipped with a warning (rows tagged ``skip_update``).
 - ``mode: refill`` (DAPO's dynamic sampling): generate more prompts until the batch holds
-  ``train_batch_size`` kept groups, for at most ``max_gen_rounds`` generation rounds per
-  step; at the cap it gives up, says so, and trains on what it has.
+  the step's fresh groups, for at most ``max_gen_rounds`` generation rounds per step; at the
+  cap it gives up, says so, and trains on what it has.
+
+Then it hands the batch to the enabled stages' ``sample`` hooks (:mod:`recipe.stages.base`;
+rollout replay appends replayed groups, preference turns groups into pairs). The trainer
+sets :attr:`GroupFilterSampler.stages` and, each step, :attr:`GroupFilterSampler.fresh_size`
+(how many fresh groups were asked for; 0 when a stage supplies the whole batch).
 
 Options come from ``trainer.v1.sampler.sampler_kwargs`` (set from the top-level
-``group_filter`` node by ``conf/config.yaml``): ``group_filter`` (see
-:class:`~recipe.algos.filters.GroupFilterConfig`), ``gen_batch_size`` (refills are whole
-multiples of it, as verl fetches prompts; ``data.gen_batch_size``, default the batch size) and ``poll_interval`` (seconds between polls of
-TransferQueue; verl's default of 2 s adds up to 2 s per step).
+``group_filter`` node by ``conf/config.yaml``): ``group_filter``, ``gen_batch_size`` (refills
+are whole multiples of it, as verl fetches prompts; ``data.gen_batch_size``, default the
+batch size) and ``poll_interval`` (seconds between polls of TransferQueue; verl's default of
+2 s adds up to 2 s per step).
 
 Metrics (per step): ``filter/kept_groups``, ``filter/dropped_all_correct``,
 ``filter/dropped_all_wrong``, ``filter/dropped_band``, ``filter/gen_rounds``,
@@ -34,43 +40,15 @@ import time
 import transfer_queue as tq
 from transfer_queue import KVBatchMeta
 
-from recipe.algos.filters import GroupFilterConfig, decide_groups, group_accuracy
+from recipe.algos.filters import GroupDecision, decide_groups, filter_metrics, group_accuracy
+from recipe.config import GroupFilterConfig
+from recipe.stages.base import SampleContext
+from recipe.stages.rows import mark_skipped, response_metric, uid_of
 from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 
 logger = logging.getLogger(__name__)
 
-#: Sample-tag flag: the batch holds only dropped groups; do not train on it.
-SKIP_UPDATE = "skip_update"
-
-
-def reward_info(extra) -> dict:
-    """The reward function's dict (``reward_extra_info``) of one sample's verl ``extra_fields``
-    (a dict, a tensordict ``NonTensorData`` wrapping one, or None); ``{}`` when absent."""
-    extra = getattr(extra, "data", extra)
-    info = extra.get("reward_extra_info") if isinstance(extra, dict) else None
-    return info or {}
-
-
-def response_metric(extra, metric: str, key: str) -> float:
-    """Per-response value ``reward_extra_info[metric]`` of one sample's ``extra_fields``.
-
-    Args:
-        extra: the sample's verl ``extra_fields``.
-        metric: reward field name (e.g. ``acc``).
-        key: the config key that chose ``metric``, named in the error.
-
-    Raises:
-        RuntimeError: the reward function did not return ``metric``.
-    """
-    info = reward_info(extra)
-    if metric not in info:
-        raise RuntimeError(
-            f"{key}={metric!r} is not among the reward function's outputs {sorted(info)}; set {key} to one of them"
-        )
-    return float(info[metric])
-
-
-class GroupFilterReplayBuffer(ReplayBuffer):
+class GroupFilterSampler(ReplayBuffer):
     """verl's sync replay buffer plus a group filter (drop or refill).
 
     Args:
@@ -97,23 +75,27 @@ class GroupFilterReplayBuffer(ReplayBuffer):
             **kwargs,
         )
         if trainer_mode != "sync":
-            raise ValueError(f"GroupFilterReplayBuffer supports trainer.v1.trainer_mode sync only, got {trainer_mode}")
+            raise ValueError(f"GroupFilterSampler supports trainer.v1.trainer_mode sync only, got {trainer_mode}")
         self.filter_cfg = GroupFilterConfig.from_config(opts.get("group_filter"))
         # None: refill in whole training batches, as verl fetches prompts by default
         self.refill_unit = opts.get("gen_batch_size")
+        #: the enabled stages with a ``sample`` hook, in order (set by the trainer)
+        self.stages: list = []
+        #: fresh groups asked for this step (set by the trainer's prepare_step; None: batch_size)
+        self.fresh_size: int | None = None
 
     # ------------------------------------------------------------------------------
     def _group_accuracy(self, partition_id: str, uids: set[str]) -> dict[str, float]:
         """uid -> mean of the filter metric (``reward_extra_info[metric]``) over the group's
         responses, for the groups of ``uids`` that have trajectories (via
         :func:`recipe.algos.filters.group_accuracy`)."""
-        keys = [k for k in self.partitions[partition_id] if k.split("_")[0] in uids]
+        keys = [k for k in self.partitions[partition_id] if uid_of(k) in uids]
         if not keys:
             return {}
         data = tq.kv_batch_get(keys=keys, partition_id=partition_id, select_fields=["extra_fields"])
         correct = [response_metric(extra, self.filter_cfg.metric, "group_filter.metric")
                    for extra in list(data["extra_fields"])]
-        return group_accuracy([k.split("_")[0] for k in keys], correct)
+        return group_accuracy([uid_of(k) for k in keys], correct)
 
     def _wait_until_idle(self, partition_id: str) -> None:
         """Poll TransferQueue until no prompt of ``partition_id`` is pending or running."""
@@ -125,6 +107,32 @@ class GroupFilterReplayBuffer(ReplayBuffer):
             last = self._wait_for_next_poll(partition_id, last)
 
     def sample(self, global_steps: int, partition_id: str, batch_size: int) -> tuple[KVBatchMeta, dict]:
+        """verl's sampling hook: the step's fresh groups through the filter, then the stages.
+
+        Returns:
+            The batch and the ``filter/*`` metrics plus the stages' metrics. Validation
+            batches are verl's, untouched.
+        """
+        if partition_id == "val":
+            return super().sample(global_steps, partition_id, batch_size)
+        n_fresh = batch_size if self.fresh_size is None else self.fresh_size
+        self.fresh_size = None
+        if n_fresh > 0:
+            batch, metrics = self.filter_sample(global_steps, partition_id, n_fresh)
+        else:  # a stage supplies the whole batch (e.g. LoRR's reuse of the initial pairs)
+            batch, metrics = KVBatchMeta(partition_id=partition_id, keys=[], tags=[]), {}
+        ctx = SampleContext(step=global_steps, partition_id=partition_id, batch_size=batch_size,
+                            forget=lambda keys: self._forget(partition_id, keys))
+        for stage in self.stages:
+            batch = stage.sample(ctx, batch, metrics)
+        return batch, metrics
+
+    def _forget(self, partition_id: str, keys) -> None:
+        """Drop rows a stage removed from TransferQueue from this sampler's bookkeeping."""
+        for key in keys:
+            self.partitions[partition_id].pop(key, None)
+
+    def filter_sample(self, global_steps: int, partition_id: str, batch_size: int) -> tuple[KVBatchMeta, dict]:
         """Sample ``batch_size`` groups that pass the filter (fewer in drop mode / at the cap).
 
         Returns:
@@ -133,13 +141,13 @@ class GroupFilterReplayBuffer(ReplayBuffer):
             the update and verl frees them at the end of the step.
         """
         cfg = self.filter_cfg
-        if partition_id == "val" or not cfg.enabled:
+        if not cfg.enabled:
             return super().sample(global_steps, partition_id, batch_size)
 
         kept: list[str] = []
         decided: set[str] = set()
         last_dropped: set[str] = set()  # the latest round's dropped groups, kept in TQ until the end
-        totals = {"dropped_all_correct": 0, "dropped_all_wrong": 0, "dropped_band": 0}
+        totals = GroupDecision(kept=[], dropped_all_correct=[], dropped_all_wrong=[], dropped_band=[])
         rounds, gave_up = 1, False
         while True:
             self._wait_until_idle(partition_id)
@@ -149,9 +157,9 @@ class GroupFilterReplayBuffer(ReplayBuffer):
                 group_acc = self._group_accuracy(partition_id, new)
                 steps = self.prompt_global_steps[partition_id]
                 decision = decide_groups(dict(sorted(group_acc.items(), key=lambda kv: steps.get(kv[0], 0))), cfg)
-                totals["dropped_all_correct"] += len(decision.dropped_all_correct)
-                totals["dropped_all_wrong"] += len(decision.dropped_all_wrong)
-                totals["dropped_band"] += len(decision.dropped_band)
+                totals.dropped_all_correct.extend(decision.dropped_all_correct)
+                totals.dropped_all_wrong.extend(decision.dropped_all_wrong)
+                totals.dropped_band.extend(decision.dropped_band)
                 self._clear_groups(partition_id, last_dropped | (new - set(group_acc)))
                 last_dropped = set(decision.dropped_all_correct) | set(decision.dropped_all_wrong) | set(
                     decision.dropped_band
@@ -180,8 +188,8 @@ class GroupFilterReplayBuffer(ReplayBuffer):
         if selected and last_dropped:
             self._clear_groups(partition_id, last_dropped)
         # no re-sync needed: nothing is in flight and _clear_groups keeps self.partitions current
-        metrics = {"filter/kept_groups": len(selected), "filter/gen_rounds": rounds}
-        metrics.update({f"filter/{k}": v for k, v in totals.items()})
+        totals.kept = selected
+        metrics: dict = filter_metrics(totals, rounds)
         metrics["filter/discarded_surplus"] = len(surplus)
         metrics["filter/gave_up"] = int(gave_up)
         metrics["filter/skipped_update"] = int(not selected)
@@ -189,11 +197,9 @@ class GroupFilterReplayBuffer(ReplayBuffer):
         if not selected:
             # Hand the dropped groups over marked `skip_update`: the trainer skips every stage
             # of the step for them, and verl's end-of-step cleanup frees them from TransferQueue.
-            logger.warning(
-                "group_filter dropped every group of step %d (%s); skipping the update", global_steps, totals
-            )
+            logger.warning("group_filter dropped every group of step %d (%s); skipping the update", global_steps,
+                           {k: v for k, v in metrics.items() if k.startswith("filter/dropped")})
             batch = self._materialize_batch(partition_id, sorted(last_dropped), snapshot)
-            for tag in batch.tags:  # tags (unlike extra_info) survive verl's re-batching in step()
-                tag[SKIP_UPDATE] = True
+            mark_skipped(batch.tags)  # tags (unlike extra_info) survive verl's re-batching in step()
             return batch, metrics
         return self._materialize_batch(partition_id, selected, snapshot), metrics

@@ -1,8 +1,8 @@
 """This project's actor worker: verl's ``ActorRolloutRefWorker`` plus the methods iterative
 DPO and LoRR need inside verl's FSDP worker graph (verl has none of them).
 
-:class:`RecipeActorRolloutRefWorker` is used instead of verl's worker only when
-``preference.enable`` is true (:meth:`recipe.trainer.RecipeTrainer._init_resource_pool_mgr`).
+:class:`RecipeActorRolloutRefWorker` is used instead of verl's worker only when an enabled
+stage asks for it (``Stage.worker_class``; the preference stage does).
 Its extra methods are registered with verl's ``Dispatch.ONE_TO_ALL``: the trainer calls them
 on the worker group and every rank acts on its own FSDP shard.
 
@@ -29,12 +29,10 @@ from typing import Any
 
 import torch
 
-from recipe.algos.preference import (
-    PreferenceConfig,
-    preference_microbatch_loss,
-    reset_named_parameters_,
-    snapshot,
-)
+from recipe.algos.lorr import reset_named_parameters_, snapshot
+from recipe.algos.preference import preference_microbatch_loss
+from recipe.config import PreferenceConfig
+from recipe.io import atomic_torch_save
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.utils.metric import AggregationType, Metric
 from verl.workers.engine_workers import ActorRolloutRefWorker
@@ -71,7 +69,7 @@ def preference_loss(config, model_output, data, dp_group=None, *, pref: Preferen
     fields = ["response_mask", *PAIR_FIELDS] + (["ref_log_prob"] if pref.needs_reference else [])
     missing = [f for f in fields if f not in data.keys()]
     if missing:
-        raise ValueError(f"preference loss: the micro-batch lacks {missing} (written by recipe.trainer)")
+        raise ValueError(f"preference loss: the micro-batch lacks {missing} (written by recipe.stages.preference)")
     td = data.select(*fields).to_padded_tensor()
     num_pairs = int(round(float(td["num_pairs"].reshape(-1)[0]))) if len(td) else 0
     loss, metrics = preference_microbatch_loss(
@@ -215,8 +213,7 @@ class RecipeActorRolloutRefWorker(ActorRolloutRefWorker):
         """Write this rank's theta_0 to ``folder/lorr_theta0_rank{r}.pt``; returns the path."""
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, THETA0_FILE.format(rank=self._shard_rank()))
-        torch.save(self._theta0 or {}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_torch_save(self._theta0 or {}, path)
         return path
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)

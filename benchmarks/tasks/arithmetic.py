@@ -17,7 +17,7 @@ operands of ``min_digits``..``max_digits`` digits; the prompt asks for the answe
                    "op": "+", "a": 37, "b": 58, "solution": "7+8=15 3+5+1=9 \\boxed{95}"}
 
 ``extra_info.solution`` (:func:`solution`) is a worked column-by-column solution: the
-target of the SFT warm start (``python -m recipe.sft --response-template '{solution}'``).
+target of the SFT warm start (``python -m benchmarks.sft --response-template '{solution}'``).
 A tiny model learns this scratchpad far faster than the bare answer (2-digit addition,
 hidden 128, 2 layers: the bare ``\\boxed{95}`` plateaus near 5 % sampled accuracy after
 1,200 SFT steps of 32).
@@ -38,7 +38,7 @@ for any larger ``n_train`` (nested training sets for data-efficiency curves).
 
 Command line::
 
-    python -m recipe.tasks.arithmetic --out DIR --n-train 4000 --n-test 200 --seed 0 \\
+    python -m benchmarks.tasks.arithmetic --out DIR --n-train 4000 --n-test 200 --seed 0 \\
         [--min-digits 1 --max-digits 2 --ops + --allow-negative --template T]
 
 writes ``DIR/train.parquet`` and ``DIR/test.parquet`` (atomically) and prints one line per
@@ -334,7 +334,7 @@ def write_splits(
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m recipe.tasks.arithmetic",
+        prog="python -m benchmarks.tasks.arithmetic",
         description="Write synthetic arithmetic problems as verl-format train/test parquet files.",
     )
     p.add_argument("--out", required=True, help="output folder: writes OUT/train.parquet and OUT/test.parquet")

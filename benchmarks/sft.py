@@ -1,13 +1,13 @@
 """Short supervised fine-tuning (SFT) warm start of a causal LM on verl-format prompts.
 
-``python -m recipe.sft --model DIR --data PARQUET --out DIR --steps N`` trains on
+``python -m benchmarks.sft --model DIR --data PARQUET --out DIR --steps N`` trains on
 (prompt, target response) pairs built from a verl-format parquet file (the columns of
 :data:`recipe.data.COLUMNS`): the prompt is the row's chat messages rendered exactly as
 verl's ``RLHFDataset`` / agent loop render them (``apply_chat_template(messages,
 add_generation_prompt=True)``), the target is ``--response-template`` with ``{answer}``
 replaced by ``reward_model.ground_truth`` (default ``\\boxed{{answer}}``, which
 :mod:`recipe.reward.math_reward` grades as correct) and ``{solution}`` by the row's
-``extra_info.solution`` (a worked solution, as :mod:`recipe.tasks.arithmetic` writes),
+``extra_info.solution`` (a worked solution, as :mod:`benchmarks.tasks.arithmetic` writes),
 followed by the tokenizer's eos token so that generation stops. The loss is the mean token negative log-likelihood over
 the response tokens only (prompt tokens are labelled -100). The result is an ordinary
 Hugging Face model directory (weights, config, generation config, and the source
@@ -33,7 +33,7 @@ run on CPU here. A plain torch loop would re-implement what ``Trainer`` already 
 
 Command line::
 
-    python -m recipe.sft --model BASE --data arith/train.parquet --out warm \\
+    python -m benchmarks.sft --model BASE --data arith/train.parquet --out warm \\
         --response-template '{solution}' --steps 1500 --lr 2e-3 --batch-size 32 \\
         [--eval-data arith/test.parquet --eval-every 10 --stop-at-acc 0.3 --eval-temperature 1.0]
 
@@ -43,6 +43,7 @@ Writes ``OUT`` atomically (a temporary folder renamed into place) with
 
 from __future__ import annotations
 
+from recipe.io import atomic_dir
 import argparse
 import json
 import os
@@ -170,7 +171,7 @@ def load_pairs(
         path: A verl-format parquet file (``prompt``, ``reward_model.ground_truth``, ...).
         response_template: Target response: ``{answer}`` is replaced by the ground truth,
             ``{solution}`` by the row's ``extra_info.solution`` (a worked solution, e.g.
-            :func:`recipe.tasks.arithmetic.solution`).
+            :func:`benchmarks.tasks.arithmetic.solution`).
 
     Returns:
         One dict per row: ``messages`` (list of ``{"role", "content"}``), ``response``
@@ -356,26 +357,13 @@ def evaluate_accuracy(
 
 def _save(model: Any, src: Path, out: Path, info: dict[str, Any]) -> None:
     """Saves weights + the source directory's tokenizer files to ``out`` atomically."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         for child in src.iterdir():
             if child.is_file() and child.name not in _WEIGHT_FILES and child.name != INFO_FILE:
                 shutil.copyfile(child, tmp / child.name)
         model.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         os.chmod(tmp, 0o755)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            old.rmdir()
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def train_sft(
@@ -433,7 +421,7 @@ def train_sft(
 
     def log(msg: str) -> None:
         if verbose:
-            print(f"[recipe.sft] {msg}", flush=True)
+            print(f"[benchmarks.sft] {msg}", flush=True)
 
     class _Monitor(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: D102
@@ -516,7 +504,7 @@ def train_sft(
 def _parser() -> argparse.ArgumentParser:
     d = SFTConfig()
     p = argparse.ArgumentParser(
-        prog="python -m recipe.sft",
+        prog="python -m benchmarks.sft",
         description="Short SFT warm start on (prompt, boxed answer) pairs of a verl parquet file.",
     )
     p.add_argument("--model", required=True, help="source HF model directory (with tokenizer)")

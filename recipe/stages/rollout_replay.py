@@ -1,19 +1,17 @@
 """Rollout replay inside verl's V1 sampling stage (DOTS + RR paper, arXiv 2506.05316, §4).
 
-:class:`RolloutReplaySampler` is this project's group-filter sampler
-(:class:`recipe.sampler.GroupFilterReplayBuffer`) plus a replay buffer of whole groups
-(:class:`recipe.algos.replay.RolloutReplayBuffer`). With ``replay.enable=true`` a training
-step of ``B`` groups is
+:class:`RolloutReplayStage` (``replay.enable``; settings :class:`recipe.config.ReplayConfig`)
+keeps a replay buffer of whole groups (:class:`recipe.algos.replay.RolloutReplayBuffer`).
+A training step of ``B`` groups is, through its hooks (:mod:`recipe.stages.base`):
 
-1. ``prepare``: the trainer asks :meth:`RolloutReplaySampler.plan_step` how many fresh
-   prompts to generate: ``round(delta * B)`` once the buffer holds the other
-   ``B - round(delta * B)`` groups, all ``B`` before that (the paper's first round is all
-   fresh);
+1. ``plan``: how many fresh prompts to generate: ``round(delta * B)`` once the buffer holds
+   the other ``B - round(delta * B)`` groups, all ``B`` before that (the paper's first round
+   is all fresh);
 2. ``sample``: the fresh groups pass the group filter as before; their TransferQueue fields
    (prompt, responses, masks, rewards, rollout log-probs, ...) are snapshotted, then the
    replayed groups drawn from the buffer are written back into TransferQueue under their
    original keys and appended to the batch, tagged ``replayed``;
-3. ``old_log_prob`` (:meth:`after_old_log_prob`): pi_old is recomputed for every sample by
+3. ``after_old_log_prob``: pi_old is recomputed for every sample by
    verl; for replayed samples the behaviour log-probs mu (pi_old of the step that generated
    them) give the off-policy correction:
 
@@ -25,15 +23,14 @@ step of ``B`` groups is
      (token-level IS, ``rollout_is_threshold`` = c) applied with ``rollout_log_probs`` := mu
      on replayed rows (fresh rows keep the rollout engine's log-probs, w ~ 1);
    - ``correction: none``: no correction (replayed groups treated as on-policy);
-4. ``adv``: with ``replay.reuse_advantages`` the stored advantages of replayed groups
+4. ``after_advantage``: with ``replay.reuse_advantages`` the stored advantages of replayed groups
    replace the recomputed ones (identical for group-relative estimators such as GRPO);
-5. after the actor update (:meth:`store_fresh`): the step's fresh groups go into the buffer
+5. ``after_update_actor``: the step's fresh groups go into the buffer
    with their old log-probs (their behaviour policy: sync training is on-policy) and
    advantages; only groups with 0 < mean accuracy < 1 (``store_only_mixed``), deduplicated
    by prompt, FIFO capacity ``capacity`` groups.
 
-The buffer is saved with verl's checkpoints by :class:`recipe.trainer.RecipeTrainer`
-(``recipe_state.pt`` in ``global_step_N/``). Metrics: ``replay/size``,
+The buffer is saved with verl's checkpoints (``state_dict``, in ``global_step_N/recipe_state.pt``). Metrics: ``replay/size``,
 ``replay/fresh_groups``, ``replay/replayed_groups``, ``replay/mean_age`` (steps since the
 replayed groups were generated), ``replay/is_weight_mean`` (mean behaviour weight
 pi_old / mu over replayed response tokens, after truncation), ``replay/stored``,
@@ -54,45 +51,24 @@ from typing import Any
 import numpy as np
 import torch
 import transfer_queue as tq
-from tensordict import NonTensorData, NonTensorStack, TensorDict
+from tensordict import TensorDict
 from transfer_queue import KVBatchMeta
 
-from recipe.algos.replay import (
-    ReplayConfig,
-    ReplayGroup,
-    RolloutReplayBuffer,
-    behaviour_weights,
-    plain_old_log_prob,
+from recipe.algos.replay import ReplayGroup, RolloutReplayBuffer, behaviour_weights, plain_old_log_prob
+from recipe.config import ReplayConfig
+from recipe.stages.base import Handles, SampleContext, Stage, register_stage
+from recipe.stages.rows import (
+    REPLAYED,
+    STAGE_FIELDS,
+    is_padding,
+    is_skipped,
+    response_metric,
+    sample_dicts,
+    uid_of,
 )
-from recipe.sampler import SKIP_UPDATE, GroupFilterReplayBuffer, response_metric
 from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
 logger = logging.getLogger(__name__)
-
-#: Sample-tag flag of replayed samples (tags survive verl's re-batching in ``step()``).
-REPLAYED = "replayed"
-#: Fields the trainer's stages write after sampling; they are recomputed for replayed rows.
-STAGE_FIELDS = frozenset(
-    {"old_log_probs", "entropy", "ref_log_prob", "values", "advantages", "returns", "token_level_rewards",
-     "rollout_is_weights"}
-)
-
-
-def sample_dicts(data) -> list[dict[str, Any]]:
-    """Split a TransferQueue ``TensorDict`` (B samples, jagged or dense fields) into B dicts
-    of per-sample values (1-D tensors, python objects), the layout verl's agent loop puts."""
-    out: list[dict[str, Any]] = [{} for _ in range(len(data))]
-    for name, value in data.items():
-        for i in range(len(out)):
-            if isinstance(value, torch.Tensor):
-                out[i][name] = value[i].clone()
-            elif isinstance(value, NonTensorStack):
-                out[i][name] = value[i].data
-            elif isinstance(value, NonTensorData):
-                out[i][name] = value.data
-            else:
-                out[i][name] = value[i]
-    return out
 
 
 def prompt_key(prompt_ids: torch.Tensor) -> str:
@@ -122,57 +98,55 @@ def state_fingerprint(state: dict) -> str:
     return h.hexdigest()
 
 
-class RolloutReplaySampler(GroupFilterReplayBuffer):
-    """verl sampler = group filter + rollout replay (module docstring).
+@register_stage
+class RolloutReplayStage(Stage):
+    """Rollout replay (module docstring). Hooks: plan, sample, after_old_log_prob,
+    after_advantage, after_update_actor, state.
 
     Args:
-        sampler_kwargs: as :class:`~recipe.sampler.GroupFilterReplayBuffer`, plus ``replay``
-            (see :class:`~recipe.algos.replay.ReplayConfig`).
-
-    Raises:
-        ValueError: on an invalid ``replay`` node (naming ``replay.<key>``).
+        cfg: :class:`recipe.config.ReplayConfig`.
+        config: the run config (unused).
     """
 
-    def __init__(self, *args, sampler_kwargs=None, **kwargs):
-        super().__init__(*args, sampler_kwargs=sampler_kwargs, **kwargs)
-        self.replay_cfg = ReplayConfig.from_config((dict(sampler_kwargs or {})).get("replay"))
-        self.buffer = RolloutReplayBuffer(self.replay_cfg) if self.replay_cfg.enable else None
+    name = "rollout_replay"
+    node = "replay"
+    config_cls = ReplayConfig
+    order = 20
+
+    def __init__(self, cfg: ReplayConfig, config=None):
+        super().__init__(cfg, config)
+        self.replay_cfg = cfg
+        self.buffer = RolloutReplayBuffer(cfg)
         self._plan: tuple[int, int] | None = None
         self._fresh: list[tuple[str, list[str], list[dict], list[dict[str, Any]]]] = []
         self._replayed: dict[str, ReplayGroup] = {}  # key -> its group
         self._step_metrics: dict[str, float] = {}
 
-    @property
-    def enabled(self) -> bool:
-        return self.buffer is not None
-
     # ------------------------------------------------------------------ prepare
-    def plan_step(self, batch_size: int) -> int:
-        """Decide this step's fresh/replayed split; returns the number of fresh prompts."""
-        if not self.enabled:
-            return batch_size
-        self._plan = self.buffer.plan(batch_size)
-        return self._plan[0]
+    def plan(self, h: Handles, n_fresh: int) -> tuple[int, dict]:
+        """Decide this step's fresh / replayed split of ``n_fresh`` groups; returns the fresh count."""
+        self._plan = self.buffer.plan(n_fresh)
+        return self._plan[0], {}
 
     # ------------------------------------------------------------------ sample
-    def sample(self, global_steps: int, partition_id: str, batch_size: int) -> tuple[KVBatchMeta, dict]:
-        if partition_id == "val" or not self.enabled:
-            return super().sample(global_steps, partition_id, batch_size)
-        n_fresh, n_replay = self._plan or (batch_size, 0)
+    def sample(self, ctx: SampleContext, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
+        """Snapshot the fresh groups, then append the replayed ones (written back into
+        TransferQueue under their original keys, tagged ``replayed``)."""
+        global_steps, partition_id = ctx.step, ctx.partition_id
+        _, n_replay = self._plan or (ctx.batch_size, 0)
         self._plan = None
-        batch, metrics = super().sample(global_steps, partition_id, n_fresh)
         self._fresh, self._replayed = [], {}
-        if len(batch) == 0 or all(tag.get(SKIP_UPDATE, False) for tag in batch.tags):
+        if is_skipped(batch):
             metrics.update(self.buffer.metrics(global_steps, 0, []))
-            return batch, metrics
+            return batch
 
         # 1. snapshot the fresh groups (what verl's agent loop wrote) for the buffer
         data = tq.kv_batch_get(keys=batch.keys, partition_id=partition_id)
         by_uid: dict[str, tuple[list[str], list[dict], list[dict]]] = {}
         for key, tag, fields in zip(batch.keys, batch.tags, sample_dicts(data), strict=True):
-            if tag.get("is_padding", False):
+            if is_padding(tag):
                 continue
-            keys, tags, rows = by_uid.setdefault(key.split("_")[0], ([], [], []))
+            keys, tags, rows = by_uid.setdefault(uid_of(key), ([], [], []))
             keys.append(key)
             tags.append(dict(tag))
             rows.append(fields)
@@ -205,7 +179,7 @@ class RolloutReplaySampler(GroupFilterReplayBuffer):
                 self._replayed[k] = group
         self._step_metrics = self.buffer.metrics(global_steps, len(self._fresh), groups)
         metrics.update(self._step_metrics)
-        return KVBatchMeta(partition_id=partition_id, keys=keys, tags=tags), metrics
+        return KVBatchMeta(partition_id=partition_id, keys=keys, tags=tags)
 
     # ------------------------------------------------------------------ stages
     def _replayed_rows(self, batch: KVBatchMeta) -> list[tuple[str, torch.Tensor]]:
@@ -217,16 +191,19 @@ class RolloutReplaySampler(GroupFilterReplayBuffer):
                 out.append((key, group.payload["behaviour_log_probs"][group.payload["keys"].index(key)]))
         return out
 
-    def after_old_log_prob(self, batch: KVBatchMeta) -> dict[str, float]:
+    def after_old_log_prob(self, h: Handles, batch: KVBatchMeta, metrics: dict) -> None:
         """Off-policy correction of replayed rows once verl wrote pi_old (``old_log_probs``).
 
-        Returns:
-            ``{"replay/is_weight_mean": mean of w = pi_old / mu over replayed response tokens}``
-            (after truncation; 1.0 when nothing was replayed).
+        Adds ``replay/is_weight_mean``: mean of w = pi_old / mu over replayed response tokens
+        (after truncation; 1.0 when nothing was replayed).
         """
-        rows = self._replayed_rows(batch) if self.enabled else []
+        metrics.update(self.correct_replayed(batch))
+
+    def correct_replayed(self, batch: KVBatchMeta) -> dict[str, float]:
+        """:meth:`after_old_log_prob`'s work; returns its metrics."""
+        rows = self._replayed_rows(batch)
         if not rows:
-            return {"replay/is_weight_mean": 1.0} if self.enabled else {}
+            return {"replay/is_weight_mean": 1.0}
         keys = [k for k, _ in rows]
         data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=["old_log_probs"])
         pad = torch.nn.utils.rnn.pad_sequence  # rows: pi_old and mu [T_i] of each replayed sample
@@ -245,9 +222,9 @@ class RolloutReplaySampler(GroupFilterReplayBuffer):
                             fields=TensorDict({"old_log_probs": nested}, batch_size=len(keys)))
         return metrics
 
-    def after_advantage(self, batch: KVBatchMeta) -> None:
+    def after_advantage(self, h: Handles | None, batch: KVBatchMeta, metrics: dict | None = None) -> None:
         """With ``replay.reuse_advantages``: put the stored advantages of replayed rows back."""
-        if not self.enabled or not self.replay_cfg.reuse_advantages:
+        if not self.replay_cfg.reuse_advantages:
             return
         rows = [(k, g) for k in batch.keys if (g := self._replayed.get(k)) is not None]
         if not rows:
@@ -257,10 +234,14 @@ class RolloutReplaySampler(GroupFilterReplayBuffer):
                         fields=TensorDict({"advantages": torch.nested.as_nested_tensor(adv, layout=torch.jagged)},
                                           batch_size=len(rows)))
 
+    def after_update_actor(self, h: Handles, batch: KVBatchMeta, metrics: dict) -> None:
+        """Store this step's fresh groups in the buffer (``replay/stored``, ``evicted``, ``size``)."""
+        metrics.update(self.store_fresh(batch, h.step))
+
     def store_fresh(self, batch: KVBatchMeta, global_steps: int) -> dict[str, float]:
         """Add this step's fresh groups (with pi_old as behaviour log-probs and their
         advantages) to the buffer; returns ``replay/stored`` and ``replay/evicted``."""
-        if not self.enabled or not self._fresh:
+        if not self._fresh:
             return {}
         keys = [k for _, ks, _, _ in self._fresh for k in ks]
         data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id,
@@ -294,10 +275,12 @@ class RolloutReplaySampler(GroupFilterReplayBuffer):
         return state_fingerprint(self.state_dict())
 
     def state_dict(self) -> dict:
-        """The replay buffer's state (empty dict when replay is off)."""
-        return self.buffer.state_dict() if self.enabled else {}
+        """The replay buffer's state."""
+        return self.buffer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`; ignores an empty state (replay was off)."""
-        if self.enabled and state:
+        """Restore :meth:`state_dict`; ignores an empty state (replay was off when saved)."""
+        if state:
             self.buffer.load_state_dict(state)
+            print(f"[recipe] restored replay buffer: {len(self.buffer)} groups "
+                  f"(fingerprint {self.fingerprint()})", flush=True)

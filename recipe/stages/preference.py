@@ -1,9 +1,9 @@
-"""Iterative (online) DPO and LoRR inside verl's V1 trainer: the sampler and the trainer glue.
+"""Iterative (online) DPO and LoRR inside verl's V1 trainer: the preference stage.
 
 One training step is one iteration of online preference optimisation:
 
 1. **Rollouts** (verl's agent loop): ``n`` responses per prompt, verifier rewards.
-2. **Pairs** (:class:`PreferencePairSampler`, verl's sampling stage): each group (one
+2. **Pairs** (``sample`` hook, after the group filter): each group (one
    ``uid``) gives preference pairs by ``preference.pairs`` (:func:`recipe.algos.preference.build_pairs`;
    groups without a reward gap are skipped). The pairs' rows replace the group's rows in
    TransferQueue, laid out ``[c_0, r_0, c_1, r_1, ...]`` with the per-row fields
@@ -11,9 +11,9 @@ One training step is one iteration of online preference optimisation:
 3. **Reference**: verl's reference worker computes ``ref_log_prob``. With
    ``preference.reference: iteration_start`` its weights are first set to the current policy
    by this project's worker method
-   (:meth:`recipe.workers.RecipeActorRolloutRefWorker.recipe_sync_reference`) every
+   (:meth:`recipe.stages.workers.RecipeActorRolloutRefWorker.recipe_sync_reference`) every
    ``preference.iteration_steps`` steps; with ``initial`` it stays the initial model.
-4. **Updates** (:class:`PreferenceStage`): the pairs are trained on ``L`` times
+4. **Updates** (``update_actor`` hook, replacing verl's): the pairs are trained on ``L`` times
    (``lorr.replays``; 1 for plain iterative DPO), each pass one optimizer step per
    mini-batch of all pairs (rows padded with zero-weight rows to a multiple of
    2 x pairs per micro-batch (half of ``ppo_micro_batch_size_per_gpu``, at most
@@ -23,13 +23,16 @@ One training step is one iteration of online preference optimisation:
 5. **Reset** (``lorr.reset``): after every ``every`` replay passes (or iterations) the
    matching parameters are pulled towards the initial weights,
    theta <- alpha * theta + (1 - alpha) * theta_0
-   (:meth:`~recipe.workers.RecipeActorRolloutRefWorker.recipe_lorr_reset`).
+   (:meth:`~recipe.stages.workers.RecipeActorRolloutRefWorker.recipe_lorr_reset`;
+   arithmetic in :mod:`recipe.algos.lorr`).
 6. **Reuse** (``lorr.reuse``): the first step's pairs are kept; once a reset has happened,
    each step draws fresh rollouts with probability ``rollout_ratio`` and otherwise trains on
    the initial pairs again (no generation that step).
 
 State (replay counter, resets, the initial pairs, the RNG, theta_0 per rank) is saved with
-verl's checkpoints and restored on resume (:class:`recipe.trainer.RecipeTrainer`).
+verl's checkpoints and restored on resume (``state_dict`` / ``save`` / ``load`` hooks).
+Settings: :class:`recipe.config.PreferenceConfig`, :class:`recipe.config.LorrConfig`; the
+actor worker is :class:`recipe.stages.workers.RecipeActorRolloutRefWorker` (``worker_class``).
 
 Metrics: ``dpo/pairs``, ``dpo/skipped_groups``, ``dpo/fresh_rollouts``, ``dpo/fresh_score_mean``, ``dpo/reward_margin``,
 ``dpo/reward_accuracy``, ``dpo/chosen_logps``, ``dpo/rejected_logps``, ``dpo/loss``,
@@ -49,15 +52,26 @@ import transfer_queue as tq
 from tensordict import TensorDict
 from transfer_queue import KVBatchMeta
 
-from recipe.algos.preference import LorrConfig, PreferenceConfig, build_pairs, reset_due
-from recipe.rollout_replay import STAGE_FIELDS, sample_dicts
-from recipe.sampler import SKIP_UPDATE, GroupFilterReplayBuffer, response_metric
+from recipe.algos.lorr import reset_due, reuse_initial
+from recipe.algos.preference import build_pairs
+from recipe.config import LorrConfig, PreferenceConfig
+from recipe.stages.base import Handles, SampleContext, Stage, register_stage
+from recipe.stages.rows import (
+    REUSED,
+    STAGE_FIELDS,
+    clone_row,
+    is_padding,
+    is_skipped,
+    mark_skipped,
+    real_indices,
+    response_metric,
+    sample_dicts,
+    uid_of,
+)
 from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
 logger = logging.getLogger(__name__)
 
-#: Sample-tag flag of rows that are the stored initial pairs (LoRR reuse).
-REUSED = "lorr_reused"
 #: Fields of a pair row that identify the pair.
 PAIR_ID, IS_CHOSEN = "pair_id", "is_chosen"
 
@@ -90,122 +104,44 @@ def pair_rows(rows: list[dict], keys: list[str], tags: list[dict], pairs: list[t
     out_keys, out_rows, out_tags = [], [], []
     for j, (c, r) in enumerate(pairs):
         for role, idx in (("chosen", c), ("rejected", r)):
-            row = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in rows[idx].items()
-                   if k not in STAGE_FIELDS}
+            row = clone_row(rows[idx], drop=STAGE_FIELDS)
             row[PAIR_ID] = torch.tensor(j, dtype=torch.int64)
             row[IS_CHOSEN] = torch.tensor(role == "chosen")
             # verl's key layout {uid}_{session}_{index}: one session per pair row
-            out_keys.append(f"{keys[idx].split('_')[0]}_pair{j}{role}_0")
+            out_keys.append(f"{uid_of(keys[idx])}_pair{j}{role}_0")
             out_rows.append(row)
             out_tags.append(dict(tags[idx]))
     return out_keys, out_rows, out_tags
 
 
-class PreferencePairSampler(GroupFilterReplayBuffer):
-    """verl sampler: group filter, then preference pairs from each group (module docstring).
+@register_stage
+class PreferenceStage(Stage):
+    """Iterative DPO / LoRR (module docstring): pairs, the plan of each step, the pair
+    fields, the ``L`` update passes with lambda_k, resets, reference refreshes, state.
+    Hooks: setup, plan, sample, balance, before_old_log_prob, before_ref_log_prob,
+    update_actor, state, save / load.
 
     Args:
-        sampler_kwargs: as :class:`~recipe.sampler.GroupFilterReplayBuffer`, plus
-            ``preference`` (:class:`~recipe.algos.preference.PreferenceConfig`) and ``lorr``
-            (:class:`~recipe.algos.preference.LorrConfig`).
+        cfg: :class:`recipe.config.PreferenceConfig`.
+        config: the run config (reads ``lorr`` and ``actor_rollout_ref``).
 
     Raises:
-        ValueError: on an invalid ``preference`` / ``lorr`` node (naming the key).
+        ValueError: on an invalid ``lorr`` node (naming the key).
     """
 
-    enabled = False  # not a rollout-replay sampler (RecipeTrainer._replay)
+    name = "preference"
+    config_cls = PreferenceConfig
+    order = 30
+    worker_class = "recipe.stages.workers:RecipeActorRolloutRefWorker"
 
-    def __init__(self, *args, sampler_kwargs=None, **kwargs):
-        super().__init__(*args, sampler_kwargs=sampler_kwargs, **kwargs)
-        opts = dict(sampler_kwargs or {})
-        self.pref_cfg = PreferenceConfig.from_config(opts.get("preference"))
-        self.lorr_cfg = LorrConfig.from_config(opts.get("lorr"))
-        self.rng = np.random.default_rng(self.pref_cfg.seed)
+    def __init__(self, cfg: PreferenceConfig, config):
+        super().__init__(cfg, config)
+        self.pref = cfg
+        self.lorr = LorrConfig.from_config(config.get("lorr"))
+        self.pair_rng = np.random.default_rng(self.pref.seed)  # "random" pairs
+        self.rng = np.random.default_rng(self.pref.seed + 1)  # reuse draws
         self.initial: dict[str, list] | None = None  # the first step's pairs (LoRR reuse)
         self.reuse_next = False
-
-    # ------------------------------------------------------------------ sample
-    def sample(self, global_steps: int, partition_id: str, batch_size: int) -> tuple[KVBatchMeta, dict]:
-        if partition_id == "val":
-            return super().sample(global_steps, partition_id, batch_size)
-        if self.reuse_next and self.initial:
-            self.reuse_next = False
-            return self._reuse_initial(partition_id)
-        self.reuse_next = False
-        batch, metrics = super().sample(global_steps, partition_id, batch_size)
-        metrics["lorr/reused_initial"] = 0
-        if len(batch) == 0 or all(tag.get(SKIP_UPDATE, False) for tag in batch.tags):
-            metrics.update({"dpo/pairs": 0, "dpo/skipped_groups": 0,
-                            "dpo/fresh_rollouts": sum(not t.get("is_padding", False) for t in batch.tags)})
-            return batch, metrics
-
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=partition_id)
-        rows = sample_dicts(data)
-        real = [i for i, tag in enumerate(batch.tags) if not tag.get("is_padding", False)]
-        uids = [batch.keys[i].split("_")[0] for i in real]
-        scores = [row_score(rows[i], self.pref_cfg.score_key) for i in real]
-        rng = self.rng if self.pref_cfg.pairs == "random" else None
-        pairs, stats = build_pairs(uids, scores, self.pref_cfg.pairs, rng=rng)
-        pairs = [(real[c], real[r]) for c, r in pairs]
-        metrics.update({"dpo/pairs": len(pairs), "dpo/skipped_groups": stats.skipped_no_gap,
-                        "dpo/fresh_rollouts": len(real), "dpo/fresh_score_mean": float(np.mean(scores))})
-        if not pairs:
-            logger.warning("step %d: no group has a reward gap; no preference pair, no update", global_steps)
-            for tag in batch.tags:
-                tag[SKIP_UPDATE] = True
-            return batch, metrics
-
-        keys, prows, ptags = pair_rows(rows, list(batch.keys), list(batch.tags), pairs)
-        # the source rows leave TransferQueue; verl clears the pair rows at the end of the step
-        tq.kv_clear(keys=list(batch.keys), partition_id=partition_id)
-        for key in batch.keys:
-            self.partitions[partition_id].pop(key, None)
-        tq.kv_batch_put(keys=keys, partition_id=partition_id, fields=list_of_dict_to_tensordict(prows), tags=ptags)
-        if self.initial is None and self.lorr_cfg.enable and self.lorr_cfg.reuse.enable:
-            self.initial = {"keys": list(keys), "rows": prows, "tags": [dict(t) for t in ptags]}
-        return KVBatchMeta(partition_id=partition_id, keys=keys, tags=ptags), metrics
-
-    def _reuse_initial(self, partition_id: str) -> tuple[KVBatchMeta, dict]:
-        """The stored initial pairs, written back into TransferQueue and tagged ``lorr_reused``."""
-        init = self.initial
-        tags = [dict(t, **{REUSED: True}) for t in init["tags"]]
-        rows = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in r.items()} for r in init["rows"]]
-        tq.kv_batch_put(keys=list(init["keys"]), partition_id=partition_id,
-                        fields=list_of_dict_to_tensordict(rows), tags=tags)
-        metrics = {"dpo/pairs": len(rows) // 2, "dpo/skipped_groups": 0, "dpo/fresh_rollouts": 0,
-                   "lorr/reused_initial": 1}
-        return KVBatchMeta(partition_id=partition_id, keys=list(init["keys"]), tags=tags), metrics
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        """RNG state, the initial pairs and the pending reuse decision."""
-        return {"rng": self.rng.bit_generator.state, "initial": self.initial, "reuse_next": self.reuse_next}
-
-    def load_state_dict(self, state: dict) -> None:
-        if not state:
-            return
-        self.rng.bit_generator.state = state["rng"]
-        self.initial = state.get("initial")
-        self.reuse_next = bool(state.get("reuse_next", False))
-
-
-class PreferenceStage:
-    """Trainer side of iterative DPO / LoRR (module docstring): the plan of each step, the
-    pair fields, the ``L`` update passes with lambda_k, resets, reference refreshes, state.
-
-    Args:
-        config: the full trainer config (reads ``preference``, ``lorr``,
-            ``actor_rollout_ref``).
-
-    Raises:
-        ValueError: on an invalid ``preference`` / ``lorr`` node.
-    """
-
-    def __init__(self, config):
-        self.config = config
-        self.pref = PreferenceConfig.from_config(config.get("preference"))
-        self.lorr = LorrConfig.from_config(config.get("lorr"))
-        self.rng = np.random.default_rng(self.pref.seed + 1)
         self.replays = 0      # update passes so far (the reset schedule's counter in unit "replays")
         self.iterations = 0   # steps with an update so far
         self.resets = 0
@@ -222,9 +158,17 @@ class PreferenceStage:
     def reset_on(self) -> bool:
         return self.lorr.enable and self.lorr.reset.enable
 
+    @property
+    def reuse_on(self) -> bool:
+        return self.lorr.enable and self.lorr.reuse.enable
+
+    def setup(self, h: Handles) -> None:
+        """Before a checkpoint is loaded: switch the actor to the preference loss and, with
+        resets, snapshot theta_0 (the weights of ``actor_rollout_ref.model.path``)."""
+        self.setup_workers(h.worker_group)
+
     def setup_workers(self, worker_group) -> dict:
-        """Switch the actor to the preference loss and, with resets, snapshot theta_0 (the
-        weights loaded from ``actor_rollout_ref.model.path``, before any checkpoint)."""
+        """Preference loss on every rank; theta_0 snapshot when resets are on. Returns it."""
         worker_group.recipe_set_preference_loss(_plain(self.config.preference))
         if self.reset_on:
             snaps = worker_group.recipe_lorr_snapshot(self.lorr.reset.pattern)
@@ -234,12 +178,90 @@ class PreferenceStage:
         return self.theta0
 
     # ------------------------------------------------------------------ step
-    def plan_step(self, sampler: PreferencePairSampler, batch_size: int) -> int:
-        """Fresh prompts of this step: 0 when LoRR reuses the initial pairs, else ``batch_size``."""
-        reuse = (self.lorr.enable and self.lorr.reuse.enable and self.resets > 0 and sampler.initial is not None
-                 and self.rng.random() >= self.lorr.reuse.rollout_ratio)
-        sampler.reuse_next = bool(reuse)
-        return 0 if reuse else batch_size
+    def plan(self, h: Handles, n_fresh: int) -> tuple[int, dict]:
+        """Fresh prompts of this step: 0 when LoRR reuses the initial pairs, else ``n_fresh``."""
+        reuse = self.reuse_on and reuse_initial(self.rng, self.lorr.reuse.rollout_ratio, self.resets,
+                                                self.initial is not None)
+        self.reuse_next = bool(reuse)
+        return (0 if reuse else n_fresh), {}
+
+    def sample(self, ctx: SampleContext, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
+        """The step's groups become preference pairs (or the initial pairs come back)."""
+        if self.reuse_next and self.initial:
+            self.reuse_next = False
+            return self._reuse_initial(ctx.partition_id, metrics)
+        self.reuse_next = False
+        metrics["lorr/reused_initial"] = 0
+        if is_skipped(batch):
+            metrics.update({"dpo/pairs": 0, "dpo/skipped_groups": 0,
+                            "dpo/fresh_rollouts": sum(not is_padding(t) for t in batch.tags)})
+            return batch
+
+        partition_id = ctx.partition_id
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=partition_id)
+        rows = sample_dicts(data)
+        real = real_indices(batch.tags)
+        uids = [uid_of(batch.keys[i]) for i in real]
+        scores = [row_score(rows[i], self.pref.score_key) for i in real]
+        rng = self.pair_rng if self.pref.pairs == "random" else None
+        pairs, stats = build_pairs(uids, scores, self.pref.pairs, rng=rng)
+        pairs = [(real[c], real[r]) for c, r in pairs]
+        metrics.update({"dpo/pairs": len(pairs), "dpo/skipped_groups": stats.skipped_no_gap,
+                        "dpo/fresh_rollouts": len(real), "dpo/fresh_score_mean": float(np.mean(scores))})
+        if not pairs:
+            logger.warning("step %d: no group has a reward gap; no preference pair, no update", ctx.step)
+            mark_skipped(batch.tags)
+            return batch
+
+        keys, prows, ptags = pair_rows(rows, list(batch.keys), list(batch.tags), pairs)
+        # the source rows leave TransferQueue; verl clears the pair rows at the end of the step
+        tq.kv_clear(keys=list(batch.keys), partition_id=partition_id)
+        ctx.forget(batch.keys)
+        tq.kv_batch_put(keys=keys, partition_id=partition_id, fields=list_of_dict_to_tensordict(prows), tags=ptags)
+        if self.initial is None and self.reuse_on:
+            self.initial = {"keys": list(keys), "rows": prows, "tags": [dict(t) for t in ptags]}
+        return KVBatchMeta(partition_id=partition_id, keys=keys, tags=ptags)
+
+    def _reuse_initial(self, partition_id: str, metrics: dict) -> KVBatchMeta:
+        """The stored initial pairs, written back into TransferQueue and tagged ``lorr_reused``."""
+        init = self.initial
+        tags = [dict(t, **{REUSED: True}) for t in init["tags"]]
+        rows = [clone_row(r) for r in init["rows"]]
+        tq.kv_batch_put(keys=list(init["keys"]), partition_id=partition_id,
+                        fields=list_of_dict_to_tensordict(rows), tags=tags)
+        metrics.update({"dpo/pairs": len(rows) // 2, "dpo/skipped_groups": 0, "dpo/fresh_rollouts": 0,
+                        "lorr/reused_initial": 1})
+        return KVBatchMeta(partition_id=partition_id, keys=list(init["keys"]), tags=tags)
+
+    def balance(self, h: Handles, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
+        """Pairs keep their ``[c_0, r_0, ...]`` layout: padded (zero-weight rows) to a multiple
+        of 2 x micro-batch x dp size instead of verl's length balancing."""
+        from verl.trainer.ppo.padding_utils import upsample_batch_to_divisible_size
+
+        wg = h.worker_group
+        if "actor" not in wg._dispatch_info:
+            wg._dispatch_info["actor"] = wg._query_dispatch_info("actor")
+        dp_size = max(wg._dispatch_info["actor"]) + 1
+        n_pairs = len(real_indices(batch.tags)) // 2
+        batch = upsample_batch_to_divisible_size(batch, self.pad_multiple(dp_size, n_pairs), h.tokenizer.eos_token_id)
+        self.write_pair_fields(batch)
+        return batch
+
+    def _pair_micro_batches(self, batch: KVBatchMeta) -> None:
+        """Log-prob passes over pairs: micro-batches of whole pairs that divide each rank's
+        rows (verl's infer path needs rows % micro == 0, which the configured log-prob micro
+        size need not satisfy). Set per pass: verl's stages hand on the ``KVBatchMeta`` that
+        ``kv_batch_put`` returns, without ``extra_info``."""
+        batch.extra_info["micro_batch_size_per_gpu"] = 2 * self.micro_pairs
+
+    def before_old_log_prob(self, h: Handles, batch: KVBatchMeta, metrics: dict) -> None:
+        self._pair_micro_batches(batch)
+
+    def before_ref_log_prob(self, h: Handles, batch: KVBatchMeta, metrics: dict) -> None:
+        """Micro-batches of whole pairs; the reference := policy at an iteration's start."""
+        self._pair_micro_batches(batch)
+        if self.refresh_reference(h.worker_group, h.step):
+            metrics["dpo/reference_refreshed"] = 1
 
     def refresh_reference(self, worker_group, global_steps: int) -> bool:
         """With ``reference: iteration_start``: reference := policy at the first step of each
@@ -267,7 +289,7 @@ class PreferenceStage:
     def write_pair_fields(self, batch: KVBatchMeta) -> int:
         """After verl's padding: ``pair_id = -1`` on padding rows, ``num_pairs`` on all rows.
         Returns the number of real pairs."""
-        pad = [k for k, t in zip(batch.keys, batch.tags) if t.get("is_padding", False)]
+        pad = [k for k, t in zip(batch.keys, batch.tags) if is_padding(t)]
         n_pairs = (len(batch) - len(pad)) // 2
         if pad:
             tq.kv_batch_put(keys=pad, partition_id=batch.partition_id, fields=TensorDict(
@@ -276,11 +298,15 @@ class PreferenceStage:
         put_all(batch, {"num_pairs": torch.full((len(batch),), float(n_pairs))})
         return n_pairs
 
-    def update(self, trainer, batch: KVBatchMeta, metrics: dict) -> None:
+    def update_actor(self, h: Handles, batch: KVBatchMeta, metrics: dict) -> bool:
+        """Replaces verl's actor update: :meth:`update`."""
+        self.update(h.worker_group, batch, metrics)
+        return True
+
+    def update(self, wg, batch: KVBatchMeta, metrics: dict) -> None:
         """``L`` update passes over the step's pairs (lambda_k per pass), resets when due."""
         from verl.utils.metric import reduce_metrics
 
-        wg = trainer.actor_rollout_wg
         actor = self.config.actor_rollout_ref.actor
         passes: list[dict] = []
         weights = []
@@ -334,15 +360,38 @@ class PreferenceStage:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
+        """Counters, both RNGs, the initial pairs and the pending reuse decision."""
         return {"replays": self.replays, "iterations": self.iterations, "resets": self.resets,
-                "rng": self.rng.bit_generator.state}
+                "rng": self.rng.bit_generator.state, "pair_rng": self.pair_rng.bit_generator.state,
+                "initial": self.initial, "reuse_next": self.reuse_next}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; also reads the layout written before the stage
+        protocol (``{"stage": counters + rng, "sampler": pair rng + initial pairs}``)."""
         if not state:
             return
+        if "stage" in state or "sampler" in state:  # checkpoints of the pre-stage layout
+            stage, sampler = state.get("stage") or {}, state.get("sampler") or {}
+            state = {**stage, "pair_rng": sampler.get("rng"), "initial": sampler.get("initial"),
+                     "reuse_next": sampler.get("reuse_next", False)}
         self.replays, self.iterations, self.resets = int(state["replays"]), int(state["iterations"]), \
             int(state["resets"])
         self.rng.bit_generator.state = state["rng"]
+        if state.get("pair_rng") is not None:
+            self.pair_rng.bit_generator.state = state["pair_rng"]
+        self.initial = state.get("initial")
+        self.reuse_next = bool(state.get("reuse_next", False))
+
+    def save(self, h: Handles, folder: str) -> None:
+        """theta_0 of every rank beside the checkpoint (``lorr_theta0_rank{r}.pt``)."""
+        if self.reset_on:
+            h.worker_group.recipe_lorr_save(folder)
+
+    def load(self, h: Handles, folder: str) -> None:
+        """theta_0 of every rank from the checkpoint; prints what was restored."""
+        fp = h.worker_group.recipe_lorr_load(folder) if self.reset_on else None
+        print(f"[recipe] restored preference state: {self.replays} replay passes, {self.resets} resets, "
+              f"initial pairs {'kept' if self.initial else 'none'}, theta_0 fingerprint {fp and fp[0]}", flush=True)
 
 
 def put_all(batch: KVBatchMeta, fields: dict[str, torch.Tensor]) -> None:
