@@ -122,7 +122,7 @@ class RecipeTrainer(PPOTrainerSync):
 
     def handles(self) -> Handles:
         """The narrow handles stages get."""
-        return Handles(config=self.config, step=self.global_steps,
+        return Handles(config=self.config, step=getattr(self, "global_steps", 0),
                        worker_group=getattr(self, "actor_rollout_wg", None),
                        dataset=getattr(self, "train_dataset", None),
                        agent_loop_manager=getattr(self, "agent_loop_manager", None),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipe.rollout_replay import state_fingerprint
+from recipe.stages.rollout_replay import state_fingerprint
 from tests.e2e.test_main_job import run_parity_steps as _run
 
 BATCH = 4  # data.train_batch_size of conf/device/cpu.yaml
@@ -59,13 +59,13 @@ def test_grpo_dots_rr_rounds_replay_and_resume(artifacts):
 
     # resume from global_step_2: the buffer comes back exactly (same fingerprint) and step 3
     # replays from it right away (a fresh buffer would make step 3 all fresh)
-    saved = torch.load(run_dir / "global_step_2" / "recipe_state.pt", weights_only=False)
-    assert len(saved["replay"]["groups"]) == BATCH + BATCH // 2
+    saved = torch.load(run_dir / "global_step_2" / "recipe_state.pt", weights_only=False)["stages"]
+    assert len(saved["rollout_replay"]["groups"]) == BATCH + BATCH // 2
     proc, steps = _run(artifacts, name, 3, *common)
     restored = re.search(r"restored replay buffer: (\d+) groups \(fingerprint ([0-9a-f]+)\)", proc.stdout)
     assert restored, "the resumed run did not report restoring the replay buffer"
-    assert int(restored.group(1)) == len(saved["replay"]["groups"])
-    assert restored.group(2) == state_fingerprint(saved["replay"])
+    assert int(restored.group(1)) == len(saved["rollout_replay"]["groups"])
+    assert restored.group(2) == state_fingerprint(saved["rollout_replay"])
     s3 = steps[3]
     assert s3["replay/replayed_groups"] == BATCH // 2 and s3["replay/mean_age"] >= 1.0
     assert s3["dots/rounds"] == 2  # restored round counter + the round due at step 3

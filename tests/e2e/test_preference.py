@@ -67,9 +67,9 @@ def test_lorr_reset_reuse_and_resume(artifacts):
     assert s2["lorr/reused_initial"] == 0  # the reuse decision for step 2 came before the reset
 
     run_dir = artifacts / "runs" / name
-    saved = torch.load(run_dir / "global_step_2" / "recipe_state.pt", weights_only=False)["preference"]
-    assert saved["stage"]["replays"] == 4 and saved["stage"]["resets"] == 1
-    assert len(saved["sampler"]["initial"]["keys"]) == 2 * s1["dpo/pairs"]
+    saved = torch.load(run_dir / "global_step_2" / "recipe_state.pt", weights_only=False)["stages"]["preference"]
+    assert saved["replays"] == 4 and saved["resets"] == 1
+    assert len(saved["initial"]["keys"]) == 2 * s1["dpo/pairs"]
     assert (run_dir / "global_step_2" / "lorr_theta0_rank0.pt").exists()
 
     proc, steps = _run(artifacts, name, 3, *common)
