@@ -1,7 +1,8 @@
 """A toy stage kept outside the package: what a user adds to hook into verl's step.
 
-It is loaded with ``stages.extra=[tests.e2e.toy_stage]`` and enabled with
-``+toy_metric.enable=true``; nothing in ``recipe/`` names it. It counts the rows verl
+It is loaded with ``stages.extra=[recipe_toy_stage]`` (this folder on ``PYTHONPATH``, as a
+user's own module would be) and enabled with ``+toy_metric.enable=true``; nothing in
+``recipe/`` names it. It counts the rows verl
 sampled and the log-prob passes it saw, and logs them as ``toy/*`` metrics.
 """
 
