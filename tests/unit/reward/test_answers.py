@@ -13,7 +13,7 @@ import recipe.reward as reward_pkg
 from recipe.reward import answers, grader
 from recipe.reward.answers import NOT_FOUND, TOO_LONG, find_last_box, last_boxed, match_brace
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 # (text, expected last_boxed), one group per rule of the module docstring.
 CASES = [

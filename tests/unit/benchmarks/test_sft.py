@@ -1,4 +1,4 @@
-"""Tests of recipe.sft: (prompt, boxed answer) pairs, the SFT loop and its accuracy check."""
+"""Tests of benchmarks.sft: (prompt, boxed answer) pairs, the SFT loop and its accuracy check."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipe import sft
+from benchmarks import sft
+from benchmarks.tasks import arithmetic as ar
 from recipe.models import build_tiny_model, is_complete_model_dir
-from recipe.tasks import arithmetic as ar
 from tests.paths import QWEN_TOK, require
 
 require(QWEN_TOK / "tokenizer.json")

@@ -1,21 +1,26 @@
-"""Tests for DOTS (arXiv 2506.05316): ``recipe.algos.dots`` (math) and ``recipe.dots`` (I/O, CLI)."""
+"""DOTS math of ``recipe.algos.dots`` (arXiv 2506.05316): adaptive difficulty, attention
+prediction, calibration, projection, the adapter module and its offline training, selection."""
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from recipe import dots as io
 from recipe.algos import dots
-from recipe.algos.dots import Adapter, Calibration, DotsSelector
-
-from tests.paths import GSM8K_TRAIN, QWEN_TOK, require
+from recipe.algos.dots import (
+    ADAPTER_FORMAT,
+    Adapter,
+    Calibration,
+    DotsSelector,
+    evaluate_adapter,
+    load_adapter,
+    save_adapter,
+    train_adapter,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -272,112 +277,7 @@ def test_selector_errors():
     assert sel.select([0.5, 0.5, 0.1], 0).tolist() == []
 
 
-# --------------------------------------------------------------------------- embeddings (I/O)
-
-TEXTS = [
-    "Natalia sold clips to 48 of her friends in April. How many clips did she sell?",
-    "What is 2 + 2?",
-    "Weng earns $12 an hour for babysitting. Yesterday, she did 50 minutes. How much did she earn?",
-    "Betty is saving money for a new wallet which costs $100.",
-    "Solve for x: 3x + 5 = 20.",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    require(GSM8K_TRAIN, QWEN_TOK / "tokenizer.json")
-    from recipe.models import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("dots") / "tiny", vocab_size=1024, max_train_rows=300,
-                            hidden_size=32, intermediate_size=64)
-
-
-def test_embed_questions_shape_pooling_batch_invariance_and_cache(tiny_model, tmp_path, monkeypatch):
-    emb = io.embed_questions(TEXTS, tiny_model, tmp_path / "c1", batch_size=2, device="cpu")
-    assert emb.shape == (5, 32) and emb.dtype == np.float32
-    # row 1 = plain mean of the last hidden state of the unpadded text
-    tok, model = io._load_model(tiny_model, "cpu", "float32")
-    with torch.no_grad():
-        ids = tok(TEXTS[1], return_tensors="pt")
-        manual = model(**ids).last_hidden_state[0].mean(0).numpy()
-    np.testing.assert_allclose(emb[1], manual, atol=1e-5)
-    again = io.embed_questions(TEXTS, tiny_model, tmp_path / "c2", batch_size=5, device="cpu")
-    np.testing.assert_allclose(again, emb, atol=1e-5)  # right padding: batch-invariant
-
-    def boom(*args, **kwargs):
-        raise AssertionError("model loaded despite a cache hit")
-
-    monkeypatch.setattr(io, "_load_model", boom)
-    hit = io.embed_questions(TEXTS, tiny_model, tmp_path / "c1", batch_size=2, device="cpu")
-    np.testing.assert_array_equal(hit, emb)
-    p1 = io.embedding_cache_path(TEXTS, tiny_model, tmp_path / "c1")
-    p2 = io.embedding_cache_path(TEXTS[:4] + ["Solve for x: 3x + 5 = 21."], tiny_model, tmp_path / "c1")
-    p3 = io.embedding_cache_path(TEXTS, tiny_model, tmp_path / "c1", max_length=64)
-    assert p1.is_file() and len({p1, p2, p3}) == 3
-    with pytest.raises(AssertionError, match="cache hit"):  # different texts -> a miss
-        io.embed_questions(TEXTS[:2], tiny_model, tmp_path / "c1", device="cpu")
-
-
-def test_embed_questions_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no_such_model"):
-        io.embed_questions(["x"], tmp_path / "no_such_model", tmp_path)
-    with pytest.raises(ValueError, match="no texts"):
-        io.embed_questions([], tmp_path, tmp_path)
-
-
-def _prompt_parquet(path: Path, rows) -> Path:
-    pd.DataFrame({"prompt": rows, "data_source": ["gsm8k"] * len(rows)}).to_parquet(path)
-    return path
-
-
-def test_question_texts(tmp_path):
-    sys_msg = {"role": "system", "content": "Reason step by step."}
-    f = _prompt_parquet(tmp_path / "a.parquet", [[sys_msg, {"role": "user", "content": "Q0"}],
-                                                 [{"role": "user", "content": "Q1"}]])
-    assert io.question_texts(f) == ["Q0", "Q1"]
-    bad = _prompt_parquet(tmp_path / "b.parquet", [[{"role": "user", "content": "Q0"}], [sys_msg]])
-    with pytest.raises(ValueError, match=r"b\.parquet: row 1"):
-        io.question_texts(bad)
-    pd.DataFrame({"question": ["x"]}).to_parquet(tmp_path / "c.parquet")
-    with pytest.raises(ValueError, match="no 'prompt' column"):
-        io.question_texts(tmp_path / "c.parquet")
-
-
-def test_embed_cli(tiny_model, tmp_path):
-    f = _prompt_parquet(tmp_path / "t.parquet", [[{"role": "user", "content": t}] for t in TEXTS])
-    assert io.main(["embed", "--data", str(f), "--model", str(tiny_model), "--cache-dir", str(tmp_path / "c"),
-                    "--out", str(tmp_path / "e.npy")]) == 0
-    direct = io.embed_questions(TEXTS, tiny_model, tmp_path / "c", device="cpu")
-    np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), direct)
-
-
-# --------------------------------------------------------------------------- rounds + adapter training
-
-
-def test_write_read_rounds_round_trip_and_errors(tmp_path):
-    f = tmp_path / "r.jsonl"
-    io.write_round(f, 3, [7, 9], ["q7", "q9"], [0.25, 1.0], 8)
-    io.write_round(f, 5, [7], ["q7"], [0], [4])
-    recs = io.read_rounds([f])
-    assert recs == [{"step": 3, "index": 7, "prompt": "q7", "difficulty": 0.25, "n": 8},
-                    {"step": 3, "index": 9, "prompt": "q9", "difficulty": 1.0, "n": 8},
-                    {"step": 5, "index": 7, "prompt": "q7", "difficulty": 0.0, "n": 4}]
-    with pytest.raises(ValueError, match="lengths differ"):
-        io.write_round(f, 1, [1, 2], ["a"], [0.5, 0.5], 8)
-    with pytest.raises(ValueError, match="not in"):
-        io.write_round(f, 1, [1], ["a"], [1.5], 8)
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"step": 1, "index": 0, "prompt": "a", "difficulty": 0.5, "n": 8}\n\n{"step": 1, oops\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:3: malformed"):
-        io.read_rounds(bad)
-    bad.write_text('{"step": 1, "index": 0, "prompt": "a", "n": 8}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:1: .*'difficulty'"):
-        io.read_rounds(bad)
-    bad.write_text('{"step": 1, "index": 0, "prompt": "a", "difficulty": 2.0, "n": 8}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:1"):
-        io.read_rounds(bad)
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        io.read_rounds(tmp_path / "missing.jsonl")
+# --------------------------------------------------------------------------- adapter training
 
 
 def _synthetic_rounds(seed=0, n=240, h=16, steps=3):
@@ -393,57 +293,35 @@ def _synthetic_rounds(seed=0, n=240, h=16, steps=3):
 def test_train_adapter_lowers_bce_and_save_load(tmp_path):
     emb, diff, groups = _synthetic_rounds()
     kw = dict(hidden=32, batch_size=32, ref_size=64, seed=0)
-    untrained, hist0 = io.train_adapter(emb, diff, groups, epochs=0, **kw)
+    untrained, hist0 = train_adapter(emb, diff, groups, epochs=0, **kw)
     assert hist0 == {"epoch_loss": []}
-    bce0, r0 = io.evaluate_adapter(untrained, emb, diff, groups, ref_size=64, seed=1)
-    adapter, hist = io.train_adapter(emb, diff, groups, epochs=15, lr=3e-3, **kw)
-    bce1, r1 = io.evaluate_adapter(adapter, emb, diff, groups, ref_size=64, seed=1)
+    bce0, r0 = evaluate_adapter(untrained, emb, diff, groups, ref_size=64, seed=1)
+    adapter, hist = train_adapter(emb, diff, groups, epochs=15, lr=3e-3, **kw)
+    bce1, r1 = evaluate_adapter(adapter, emb, diff, groups, ref_size=64, seed=1)
     assert len(hist["epoch_loss"]) == 15 and hist["epoch_loss"][-1] < hist["epoch_loss"][0]
     # measured: BCE 0.662 -> 0.348 (entropy floor of the soft targets 0.334), Pearson 0.32 -> 0.99
     assert bce0 > 0.6 and bce1 < 0.45, (bce0, bce1)
     assert r0 < 0.6 and r1 > 0.9, (r0, r1)
     path = tmp_path / "a.pt"
-    io.save_adapter(adapter, path, history=hist)
-    loaded = io.load_adapter(path)
+    save_adapter(adapter, path, history=hist)
+    loaded = load_adapter(path)
     assert (loaded.in_dim, loaded.hidden) == (16, 32)
     np.testing.assert_array_equal(dots.project(emb, loaded), dots.project(emb, adapter))
-    assert io.evaluate_adapter(loaded, emb, diff, groups, ref_size=64, seed=1) == (bce1, r1)
+    assert evaluate_adapter(loaded, emb, diff, groups, ref_size=64, seed=1) == (bce1, r1)
 
 
 def test_load_adapter_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        io.load_adapter(tmp_path / "nope.pt")
+        load_adapter(tmp_path / "nope.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt"):
-        io.load_adapter(tmp_path / "junk.pt")
-    torch.save({"format": io.ADAPTER_FORMAT, "in_dim": 4}, tmp_path / "partial.pt")
+        load_adapter(tmp_path / "junk.pt")
+    torch.save({"format": ADAPTER_FORMAT, "in_dim": 4}, tmp_path / "partial.pt")
     with pytest.raises(ValueError, match="partial.pt.*'state_dict'"):
-        io.load_adapter(tmp_path / "partial.pt")
-    io.save_adapter(Adapter(4, hidden=8), tmp_path / "ok.pt")
+        load_adapter(tmp_path / "partial.pt")
+    save_adapter(Adapter(4, hidden=8), tmp_path / "ok.pt")
     blob = torch.load(tmp_path / "ok.pt", weights_only=True)
     blob["hidden"] = 9
     torch.save(blob, tmp_path / "mismatch.pt")
     with pytest.raises(ValueError, match="mismatch.pt.*do not match"):
-        io.load_adapter(tmp_path / "mismatch.pt")
-
-
-def test_train_adapter_cli(tmp_path):
-    emb, diff, groups = _synthetic_rounds(n=60)
-    np.save(tmp_path / "emb.npy", emb)
-    rounds = tmp_path / "rounds.jsonl"
-    for s in range(3):
-        idx = np.flatnonzero(groups == s)
-        io.write_round(rounds, s, idx.tolist(), [f"q{i}" for i in idx], diff[idx].tolist(), 8)
-    out = tmp_path / "adapter.pt"
-    assert io.main(["train-adapter", "--rounds", str(rounds), "--embeddings", str(tmp_path / "emb.npy"),
-                    "--out", str(out), "--epochs", "2", "--hidden", "8", "--batch-size", "16"]) == 0
-    a = io.load_adapter(out)
-    assert a.in_dim == 16 and a.hidden == 8
-    blob = torch.load(out, weights_only=True)
-    assert len(blob["history"]["epoch_loss"]) == 2
-    with pytest.raises(SystemExit, match="exactly one"):
-        io.main(["train-adapter", "--rounds", str(rounds), "--out", str(out)])
-    io.write_round(rounds, 9, [60], ["q60"], [0.5], 8)
-    with pytest.raises(SystemExit, match="index 60 out of range"):
-        io.main(["train-adapter", "--rounds", str(rounds), "--embeddings", str(tmp_path / "emb.npy"),
-                 "--out", str(out)])
+        load_adapter(tmp_path / "mismatch.pt")

@@ -1,4 +1,6 @@
-"""Tests of the Hydra configs (conf/) and the start-up helpers of recipe.main / recipe.trainer.
+"""Tests of the Hydra configs (conf/) and the start-up checks on them: recipe.config.check_config
+and recipe.main.prepare_data (recipe.config's nodes: test_nodes.py; configure_replay,
+check_stages and the sampler: test_startup.py).
 
 Every yaml under conf/ is composed the way ``python -m recipe.main`` composes it (verl's
 own ``ppo_trainer`` through ``pkg://verl.trainer.config`` plus this project's groups) and
@@ -12,21 +14,24 @@ import re
 from pathlib import Path
 
 import hydra
-import numpy as np
 import pytest
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recipe import data as rd
-from recipe.main import ConfigError, check_config, prepare_data
+from recipe.config import ConfigError, check_config
+from recipe.main import prepare_data
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 CONF_DIR = REPO_ROOT / "conf"
-# conf/eval.yaml and conf/eval/ are python -m recipe.eval's own config (tests/unit/test_eval.py)
+# conf/eval.yaml and conf/eval/ are python -m recipe.eval's own config (tests/unit/tools/test_eval.py)
 EVAL_YAMLS = {CONF_DIR / "eval.yaml", *(CONF_DIR / "eval").rglob("*.yaml")}
 YAML_FILES = sorted(p for p in CONF_DIR.rglob("*.yaml") if p not in EVAL_YAMLS)
+# every recipe of conf/recipe/ (a new yaml is tested without editing this file)
+RECIPES = sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml"))
 # conf/config.yaml's defaults list (checked in test_default_config)
 DEFAULT_CHOICES = {"data": "gsm8k", "model": "tiny", "recipe": "grpo", "device": "cpu"}
+DEFAULT_OVERRIDES = {f"{k}={v}" for k, v in DEFAULT_CHOICES.items()}
 
 
 def _context(p: Path) -> list[str]:
@@ -107,8 +112,7 @@ def composer():
 
         def compose(*overrides: str) -> DictConfig:
             # choosing a default is the same config: compose it once (composing is slow)
-            defaults = {f"{k}={v}" for k, v in DEFAULT_CHOICES.items()}
-            key = tuple(sorted(o for o in overrides if o not in defaults))
+            key = tuple(sorted(o for o in overrides if o not in DEFAULT_OVERRIDES))
             if key not in cache:
                 cache[key] = hydra.compose("config", overrides=list(overrides), return_hydra_config=True)
             return copy.deepcopy(cache[key])
@@ -140,6 +144,7 @@ def resolve(cfg: DictConfig) -> tuple[DictConfig, dict]:
 # every yaml composes and resolves
 # --------------------------------------------------------------------------------------
 def test_conf_tree_is_what_the_tests_expect():
+    assert "grpo" in RECIPES and len(RECIPES) >= 2
     names = {_rel(p) for p in YAML_FILES}
     for expected in ("config.yaml", "data/gsm8k.yaml", "data/math.yaml", "device/cpu.yaml", "device/gpu.yaml",
                      "model/tiny.yaml", "model/tiny_qwen.yaml", "recipe/grpo.yaml"):
@@ -271,9 +276,10 @@ def _validate(cfg: DictConfig) -> None:
 @pytest.mark.parametrize(
     "overrides",
     [(), ("device=gpu", "data=math"), ("device=gpu", "model=qwen2.5_math_1.5b"),
-     *[(f"recipe={r}",) for r in ("raft", "raft_pp", "reinforce", "reinforce_rej", "ppo")],
+     *[(f"recipe={r}",) for r in RECIPES if f"recipe={r}" not in DEFAULT_OVERRIDES],
      ("recipe=ppo", "device=gpu")],
-    ids=["default", "gpu_math", "gpu_qwen", "raft", "raft_pp", "reinforce", "reinforce_rej", "ppo", "ppo_gpu"],
+    ids=["default", "gpu_math", "gpu_qwen", *[r for r in RECIPES if f"recipe={r}" not in DEFAULT_OVERRIDES],
+         "ppo_gpu"],
 )
 def test_verl_validate_config_passes(composer, overrides, tmp_path_factory):
     """verl's own checks, which also build the actor (and critic) config dataclasses."""
@@ -312,7 +318,7 @@ def test_verl_validate_config_is_a_real_check(composer):
 
 
 # --------------------------------------------------------------------------------------
-# recipe.main.check_config
+# recipe.config.check_config
 # --------------------------------------------------------------------------------------
 def test_check_config_accepts_defaults(composer):
     check_config(composer())
@@ -427,32 +433,3 @@ def test_prepare_data_disabled(composer, tmp_path):
     with pytest.raises(FileNotFoundError, match="data.train_files"):
         prepare_data(cfg)
     assert not (tmp_path / "data").exists()
-
-
-# --------------------------------------------------------------------------------------
-# recipe.trainer.reward_extra_metrics
-# --------------------------------------------------------------------------------------
-def test_reward_extra_metrics():
-    from recipe.trainer import reward_extra_metrics
-
-    fields = [
-        {"reward_extra_info": {"score": 1.0, "acc": True, "has_answer": 1, "pred": "42", "grader_timeout": False}},
-        {"reward_extra_info": {"score": 0.0, "acc": False, "has_answer": 0, "pred": "7"}},
-        {"reward_extra_info": {"score": 1.0, "acc": np.bool_(True), "has_answer": np.int64(1), "len": np.float32(3.5)}},
-        {"reward_extra_info": {"acc": None, "pred": None}},  # None is not a number: ignored
-        {"other": 1},  # no reward_extra_info at all
-        {"reward_extra_info": None},
-    ]
-    got = reward_extra_metrics(fields)
-    assert set(got) == {"reward/acc", "reward/has_answer", "reward/grader_timeout", "reward/len"}
-    assert got["reward/acc"] == pytest.approx(2 / 3)
-    assert got["reward/has_answer"] == pytest.approx(2 / 3)
-    assert got["reward/grader_timeout"] == 0.0  # one sample carries it
-    assert got["reward/len"] == 3.5
-    assert all(type(v) is float for v in got.values())
-
-    assert reward_extra_metrics(fields, prefix="x/").keys() == {
-        "x/acc", "x/has_answer", "x/grader_timeout", "x/len"
-    }
-    assert reward_extra_metrics([]) == {}
-    assert reward_extra_metrics([{"reward_extra_info": {"pred": "1", "score": 0.5}}]) == {}

@@ -409,6 +409,6 @@ def test_grpo_recipe_is_verls_own_estimator():
     from verl.trainer.ppo import core_algos
 
     assert core_algos.get_adv_estimator_fn("grpo") is core_algos.compute_grpo_outcome_advantage
-    grpo_yaml = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "recipe" / "grpo.yaml")
+    grpo_yaml = OmegaConf.load(Path(__file__).resolve().parents[3] / "conf" / "recipe" / "grpo.yaml")
     assert grpo_yaml.algorithm.adv_estimator == "grpo"
     assert grpo_yaml.actor_rollout_ref.actor.get("policy_loss") is None  # verl's default loss (vanilla)

@@ -16,7 +16,7 @@ import pytest
 
 from recipe import data as rd
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 SHARED = Path(os.environ["RECIPE_SHARED_DIR"]) if os.environ.get("RECIPE_SHARED_DIR") else REPO_ROOT.parent / "shared"
 DATA_DIR = SHARED / "data"
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -292,7 +292,7 @@ def test_unknown_dataset(tmp_path):
 
 
 def test_boxed_gold_answers():
-    """Gold answers from a solution's last box follow recipe.reward.answers (tests/unit/test_answers.py)."""
+    """Gold answers from a solution's last box follow recipe.reward.answers (tests/unit/reward/test_answers.py)."""
     solutions = [
         "a \\boxed{1} b \\boxed{\\frac{1}{2}} c",
         "\\boxed{\\{1, 2\\}}",

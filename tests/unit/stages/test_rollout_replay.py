@@ -1,11 +1,15 @@
-"""Tests of the rollout-replay glue (recipe/rollout_replay.py) and its start-up settings
-(recipe.main.configure_replay), without Ray or a verl run.
+"""Tests of the rollout-replay stage (recipe/stages/rollout_replay.py) through the hooks
+verl's trainer calls, without Ray or a verl run.
 
 TransferQueue is replaced by :class:`FakeTQ`, an in-memory key -> fields store with the
-three calls the sampler makes; verl's agent loop and trainer stages are played by the
-tests (they put the rollout fields, then ``old_log_probs`` / ``advantages``). Expected
-values are computed by hand (python ``math`` on explicit lists), not with the module's
-helpers.
+three calls the stage makes; the sampler is the real
+:class:`~recipe.stages.group_filter.GroupFilterSampler` with its group filter faked (it
+hands back the step's fresh rows); verl's agent loop and trainer stages are played by the
+tests (they put the rollout fields, then ``old_log_probs`` / ``advantages``), and the
+trainer's part by :func:`plan` (``prepare_step``: the stage's ``plan`` sets the sampler's
+fresh size) and :func:`call` (a hook with :class:`~recipe.stages.base.Handles` and the
+step's metrics). Expected values are computed by hand (python ``math`` on explicit lists),
+not with the module's helpers. ``configure_replay``: tests/unit/config/test_startup.py.
 """
 
 from __future__ import annotations
@@ -14,30 +18,22 @@ import copy
 import hashlib
 import io
 import math
-from pathlib import Path
 
-import hydra
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf, open_dict
 from transfer_queue import KVBatchMeta
 
-import recipe.rollout_replay as rr
-from recipe.algos.replay import ReplayConfig, ReplayGroup, RolloutReplayBuffer
-from recipe.main import ConfigError, configure_replay
-from recipe.rollout_replay import (
-    REPLAYED,
-    RolloutReplaySampler,
-    prompt_key,
-    sample_dicts,
-    state_fingerprint,
-)
-from recipe.sampler import SKIP_UPDATE, GroupFilterReplayBuffer
-from verl.utils.tensordict_utils import assign_non_tensor_data, list_of_dict_to_tensordict
+import recipe.stages.rollout_replay as rr
+from recipe.algos.replay import ReplayGroup, RolloutReplayBuffer
+from recipe.config import ReplayConfig
+from recipe.stages.base import Handles, SampleContext, Stage, build_stages
+from recipe.stages.group_filter import GroupFilterSampler
+from recipe.stages.rollout_replay import RolloutReplayStage, prompt_key, state_fingerprint
+from recipe.stages.rows import REPLAYED, SKIP_UPDATE, sample_dicts
+from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
 P = "train"
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 # ----------------------------------------------------------------------------- fakes
@@ -95,12 +91,33 @@ def fake_tq(monkeypatch):
     return fake
 
 
-def make_sampler(**replay) -> RolloutReplaySampler:
-    """The sampler as verl's V1 trainer builds it (no group filter)."""
-    return RolloutReplaySampler(
+def make_stage(**replay) -> RolloutReplayStage:
+    """The stage as the trainer builds it from the ``replay`` node (``Stage.load_config``)."""
+    return RolloutReplayStage(ReplayConfig.from_config(replay))
+
+
+def make_sampler(*stages) -> GroupFilterSampler:
+    """The sampler as verl's V1 trainer builds it (no group filter), running ``stages``."""
+    sampler = GroupFilterSampler(
         trainer_mode="sync", trainer_config={}, max_off_policy_threshold=None, max_off_policy_strategy="drop",
-        sampler_kwargs={"group_filter": None, "replay": replay}, refill_fn=None,
+        sampler_kwargs={"group_filter": None}, refill_fn=None,
     )
+    sampler.stages = list(stages)
+    return sampler
+
+
+def plan(stage, batch_size, step=1) -> int:
+    """The trainer's ``prepare_step``: the stage's ``plan`` hook gives this step's fresh prompts."""
+    n_fresh, metrics = stage.plan(Handles(config=None, step=step), batch_size)
+    assert metrics == {}
+    return n_fresh
+
+
+def call(hook, batch, step=1) -> dict:
+    """A trainer-time hook called as RecipeTrainer does; returns the metrics it added."""
+    metrics: dict = {}
+    assert hook(Handles(config=None, step=step), batch, metrics) is None
+    return metrics
 
 
 def rollout_rows(uid: str, prompt: list[int], accs: list[float], lengths: list[int]) -> dict[str, dict]:
@@ -117,9 +134,10 @@ def rollout_rows(uid: str, prompt: list[int], accs: list[float], lengths: list[i
     return rows
 
 
-def run_sample(sampler, fake, monkeypatch, step, fresh: dict[str, dict], batch_size, extra_tags=None):
+def run_sample(stage, fake, monkeypatch, step, fresh: dict[str, dict], batch_size, n_fresh=None, extra_tags=None):
     """verl's ``sample`` call of one step: the agent loop's rows are in TransferQueue and the
-    group filter (faked) hands back exactly those keys."""
+    group filter (faked) hands back exactly those keys; ``n_fresh`` is what the trainer set
+    from :func:`plan` (None: not planned, the whole batch)."""
     fake.clear_partition()
     for k, row in fresh.items():
         fake.data.setdefault(P, {})[k] = dict(row)
@@ -127,12 +145,16 @@ def run_sample(sampler, fake, monkeypatch, step, fresh: dict[str, dict], batch_s
     prepared = KVBatchMeta(partition_id=P, keys=list(fresh), tags=tags)
     calls = []
 
-    def fake_super_sample(self, global_steps, partition_id, n):
+    def fake_filter_sample(self, global_steps, partition_id, n):
+        assert (global_steps, partition_id) == (step, P)
         calls.append(n)
         return prepared, {"filter/kept_groups": n}
 
-    monkeypatch.setattr(GroupFilterReplayBuffer, "sample", fake_super_sample)
+    monkeypatch.setattr(GroupFilterSampler, "filter_sample", fake_filter_sample)
+    sampler = make_sampler(stage)
+    sampler.fresh_size = n_fresh
     batch, metrics = sampler.sample(step, P, batch_size)
+    assert sampler.fresh_size is None  # one step's setting
     return batch, metrics, calls
 
 
@@ -164,58 +186,29 @@ OLD2 = {
 REPLAYED_KEYS = ["ua_0_0", "ua_1_0", "ub_0_0", "ub_1_0"]
 
 
-def run_step1(sampler, fake, monkeypatch):
-    """Step 1 (all fresh), through store_fresh; returns (sample batch, metrics, store metrics)."""
-    assert sampler.plan_step(4) == 4
-    batch, metrics, calls = run_sample(sampler, fake, monkeypatch, 1, STEP1, 4)
+def run_step1(stage, fake, monkeypatch):
+    """Step 1 (all fresh), through the actor update; returns (sample batch, metrics, store metrics)."""
+    n_fresh = plan(stage, 4, step=1)
+    assert n_fresh == 4
+    batch, metrics, calls = run_sample(stage, fake, monkeypatch, 1, STEP1, 4, n_fresh)
     assert calls == [4]
     fake.write("old_log_probs", OLD1)
-    assert sampler.after_old_log_prob(batch) == {"replay/is_weight_mean": 1.0}
+    assert call(stage.after_old_log_prob, batch) == {"replay/is_weight_mean": 1.0}
     fake.write("advantages", ADV1)
-    sampler.after_advantage(batch)
-    stored = sampler.store_fresh(batch, 1)
+    assert call(stage.after_advantage, batch) == {}
+    stored = call(stage.after_update_actor, batch, step=1)
     return batch, metrics, stored
 
 
-def run_step2_sample(sampler, fake, monkeypatch, fresh=STEP2):
-    assert sampler.plan_step(4) == 2
-    batch, metrics, calls = run_sample(sampler, fake, monkeypatch, 2, fresh, 4)
+def run_step2_sample(stage, fake, monkeypatch, fresh=STEP2):
+    n_fresh = plan(stage, 4, step=2)
+    assert n_fresh == 2
+    batch, metrics, calls = run_sample(stage, fake, monkeypatch, 2, fresh, 4, n_fresh)
     assert calls == [2]
     return batch, metrics
 
 
-# ----------------------------------------------------------------------------- sample_dicts / prompt_key
-def test_sample_dicts_jagged_dense_non_tensor_and_bf16():
-    rows = [
-        {"ids": torch.tensor([1, 2, 3]), "dense": torch.tensor([1.0, 2.0]),
-         "lp": torch.tensor([-0.5, -1.0], dtype=torch.bfloat16), "extra": {"reward_extra_info": {"acc": 1.0}}},
-        {"ids": torch.tensor([4]), "dense": torch.tensor([3.0, 4.0]),
-         "lp": torch.tensor([-2.0, -0.25, -8.0, -0.125], dtype=torch.bfloat16),
-         "extra": {"reward_extra_info": {"acc": 0.0, "pred": None}}},
-    ]
-    td = list_of_dict_to_tensordict(rows)
-    assert td["ids"].is_nested and not td["dense"].is_nested  # the two layouts are exercised
-    assign_non_tensor_data(td, "global_steps", 7)  # a batch-wide NonTensorData
-    out = sample_dicts(td)
-    assert len(out) == 2
-    for got, want in zip(out, rows):
-        assert set(got) == {"ids", "dense", "lp", "extra", "global_steps"}
-        for name in ("ids", "dense", "lp"):
-            assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
-        assert got["extra"] == want["extra"]
-        assert got["global_steps"] == 7
-    out[0]["dense"][0] = 99.0  # copies, not views into the batch
-    assert td["dense"][0, 0].item() == 1.0
-    # round trip: dicts -> TensorDict -> dicts
-    again = sample_dicts(list_of_dict_to_tensordict([{k: v for k, v in r.items() if k != "global_steps"} for r in out]))
-    assert torch.equal(again[1]["lp"], rows[1]["lp"]) and again[1]["extra"] == rows[1]["extra"]
-
-
-def test_sample_dicts_single_sample():
-    out = sample_dicts(list_of_dict_to_tensordict([{"ids": torch.tensor([5, 6]), "s": "text"}]))
-    assert len(out) == 1 and torch.equal(out[0]["ids"], torch.tensor([5, 6])) and out[0]["s"] == "text"
-
-
+# ----------------------------------------------------------------------------- prompt_key
 def test_prompt_key():
     want = hashlib.sha1(np.array([1, 2, 3], dtype=np.int64).tobytes()).hexdigest()
     assert prompt_key(torch.tensor([1, 2, 3])) == want
@@ -302,31 +295,55 @@ def test_fingerprint_sees_where_one_response_ends():
     assert state_fingerprint(moved) != state_fingerprint(state)
 
 
-# ----------------------------------------------------------------------------- sampler: disabled / plan
-def test_disabled_sampler_is_plain_group_filter(fake_tq, monkeypatch):
-    s = make_sampler(enable=False)
-    assert not s.enabled and s.buffer is None
-    assert s.plan_step(4) == 4
-    batch, metrics, calls = run_sample(s, fake_tq, monkeypatch, 1, STEP1, 4)
-    assert calls == [4] and batch.keys == list(STEP1) and metrics == {"filter/kept_groups": 4}
-    assert s.after_old_log_prob(batch) == {} and s.store_fresh(batch, 1) == {}
-    assert s.state_dict() == {} and fake_tq.puts == []
+# ----------------------------------------------------------------------------- stage: selection / plan
+def test_stage_registration_and_config_node():
+    assert issubclass(RolloutReplayStage, Stage)
+    assert (RolloutReplayStage.name, RolloutReplayStage.node, RolloutReplayStage.order) == (
+        "rollout_replay", "replay", 20)
+    cfg = RolloutReplayStage.load_config({"replay": {"enable": True, "capacity": 8}})
+    assert isinstance(cfg, ReplayConfig) and cfg.capacity == 8 and RolloutReplayStage.enabled(cfg, None)
+    assert not RolloutReplayStage.enabled(RolloutReplayStage.load_config({}), None)
+    with pytest.raises(ValueError, match=r"replay\.capacity must be an integer > 0, got 0"):
+        RolloutReplayStage.load_config({"replay": {"capacity": 0}})
+    s = make_stage(enable=True)
+    assert s.replay_cfg is s.cfg and len(s.buffer) == 0 and s.state_dict()["groups"] == []
+
+
+def test_disabled_replay_leaves_the_sampler_plain_group_filter(fake_tq, monkeypatch):
+    """replay.enable=false: no rollout-replay stage is built; the sampler hands the group
+    filter's batch through untouched and nothing is written to TransferQueue."""
+    stages = build_stages({"replay": {"enable": False}})
+    assert "rollout_replay" not in [st.name for st in stages]
+    assert "rollout_replay" in [st.name for st in build_stages({"replay": {"enable": True}})]
+    prepared = KVBatchMeta(partition_id=P, keys=list(STEP1), tags=[{"status": "finished"} for _ in STEP1])
+    calls = []
+
+    def fake_filter_sample(self, global_steps, partition_id, n):
+        calls.append(n)
+        return prepared, {"filter/kept_groups": n}
+
+    monkeypatch.setattr(GroupFilterSampler, "filter_sample", fake_filter_sample)
+    sampler = make_sampler(*[st for st in stages if type(st).sample is not Stage.sample])
+    assert sampler.stages == []  # no enabled stage samples
+    batch, metrics = sampler.sample(1, P, 4)
+    assert calls == [4] and batch is prepared and metrics == {"filter/kept_groups": 4}
+    assert fake_tq.puts == []
 
 
 @pytest.mark.parametrize("delta,batch,fresh", [(0.5, 4, 2), (0.25, 8, 2), (0.5, 3, 2), (0.3, 5, 2), (1.0, 4, 4)])
-def test_plan_step_all_fresh_until_buffer_holds_the_rest(delta, batch, fresh):
-    s = make_sampler(enable=True, fresh_fraction=delta, store_only_mixed=False)
+def test_plan_all_fresh_until_buffer_holds_the_rest(delta, batch, fresh):
+    s = make_stage(enable=True, fresh_fraction=delta, store_only_mixed=False)
     n_replay = batch - fresh
     for stored in range(n_replay):  # fewer than B - round(delta B) groups: all fresh
         assert len(s.buffer) == stored
-        assert s.plan_step(batch) == batch and s._plan == (batch, 0)
+        assert plan(s, batch) == batch and s._plan == (batch, 0)
         s.buffer.add([ReplayGroup(f"p{stored}", f"u{stored}", 1, 0.5)], 1)
-    assert s.plan_step(batch) == fresh and s._plan == (fresh, n_replay)
+    assert plan(s, batch) == fresh and s._plan == (fresh, n_replay)
 
 
-# ----------------------------------------------------------------------------- sampler: full steps
+# ----------------------------------------------------------------------------- stage: full steps
 def test_store_fresh_adds_mixed_groups_with_pi_old_as_behaviour(fake_tq, monkeypatch):
-    s = make_sampler(enable=True, capacity=8)
+    s = make_stage(enable=True, capacity=8)
     batch, metrics, stored = run_step1(s, fake_tq, monkeypatch)
     assert batch.keys == list(STEP1) and not any(REPLAYED in t for t in batch.tags)
     assert metrics == {"filter/kept_groups": 4, "replay/size": 0.0, "replay/fresh_groups": 4.0,
@@ -350,21 +367,21 @@ def test_store_fresh_adds_mixed_groups_with_pi_old_as_behaviour(fake_tq, monkeyp
 
 
 def test_store_all_groups_when_not_only_mixed(fake_tq, monkeypatch):
-    s = make_sampler(enable=True, store_only_mixed=False)
+    s = make_stage(enable=True, store_only_mixed=False)
     _, _, stored = run_step1(s, fake_tq, monkeypatch)
     assert stored == {"replay/stored": 4, "replay/evicted": 0, "replay/size": 4}
     assert [(g.uid, g.mean_reward) for g in s.buffer.groups] == [("ua", 0.5), ("ub", 0.5), ("uc", 1.0), ("ud", 0.0)]
 
 
 def test_store_fresh_fifo_capacity_reports_evictions(fake_tq, monkeypatch):
-    s = make_sampler(enable=True, store_only_mixed=False, capacity=3)
+    s = make_stage(enable=True, store_only_mixed=False, capacity=3)
     _, _, stored = run_step1(s, fake_tq, monkeypatch)
     assert stored == {"replay/stored": 4, "replay/evicted": 1, "replay/size": 3}
     assert [g.uid for g in s.buffer.groups] == ["ub", "uc", "ud"]
 
 
 def test_padding_and_skip_update_batches_are_not_stored(fake_tq, monkeypatch):
-    s = make_sampler(enable=True, store_only_mixed=False)
+    s = make_stage(enable=True, store_only_mixed=False)
     rows = {**rollout_rows("ua", [1], [1.0, 0.0], [1, 1]), **rollout_rows("up", [2], [0.0, 1.0], [1, 1])}
     pad = {"up_0_0": {"is_padding": True}, "up_1_0": {"is_padding": True}}
     batch, _, _ = run_sample(s, fake_tq, monkeypatch, 1, rows, 2, extra_tags=pad)
@@ -372,15 +389,21 @@ def test_padding_and_skip_update_batches_are_not_stored(fake_tq, monkeypatch):
     fake_tq.write("advantages", {k: [0.0] for k in rows})
     assert s.store_fresh(batch, 1)["replay/stored"] == 1 and [g.uid for g in s.buffer.groups] == ["ua"]
 
-    s2 = make_sampler(enable=True, store_only_mixed=False)
+    s2 = make_stage(enable=True, store_only_mixed=False)
     skip = {k: {SKIP_UPDATE: True} for k in rows}
     batch, metrics, _ = run_sample(s2, fake_tq, monkeypatch, 1, rows, 2, extra_tags=skip)
     assert batch.keys == list(rows) and metrics["replay/replayed_groups"] == 0.0
     assert s2.store_fresh(batch, 1) == {} and len(s2.buffer) == 0
+    # the hook itself, as the sampler calls it: a skipped batch comes back as it is
+    s3 = make_stage(enable=True, store_only_mixed=False)
+    ctx = SampleContext(step=1, partition_id=P, batch_size=2, forget=lambda keys: pytest.fail("nothing to forget"))
+    metrics = {"filter/skipped_update": 1}
+    assert s3.sample(ctx, batch, metrics) is batch and fake_tq.puts == []
+    assert metrics["filter/skipped_update"] == 1 and metrics["replay/replayed_groups"] == 0.0
 
 
 def test_store_fresh_missing_metric_names_replay_metric(fake_tq, monkeypatch):
-    s = make_sampler(enable=True, metric="correct")
+    s = make_stage(enable=True, metric="correct")
     batch, _, _ = run_sample(s, fake_tq, monkeypatch, 1, STEP1, 4)
     fake_tq.write("old_log_probs", OLD1)
     fake_tq.write("advantages", ADV1)
@@ -390,7 +413,7 @@ def test_store_fresh_missing_metric_names_replay_metric(fake_tq, monkeypatch):
 
 @pytest.mark.parametrize("correction", ["decoupled", "plain", "none"])
 def test_replayed_groups_written_back_under_their_keys(fake_tq, monkeypatch, correction):
-    s = make_sampler(enable=True, correction=correction)
+    s = make_stage(enable=True, correction=correction)
     run_step1(s, fake_tq, monkeypatch)
     batch, metrics = run_step2_sample(s, fake_tq, monkeypatch)
     assert batch.partition_id == P
@@ -415,7 +438,7 @@ def test_replayed_groups_written_back_under_their_keys(fake_tq, monkeypatch, cor
 
 
 def test_fresh_prompt_excludes_its_stored_group(fake_tq, monkeypatch):
-    s = make_sampler(enable=True)
+    s = make_stage(enable=True)
     run_step1(s, fake_tq, monkeypatch)
     same_prompt = {**rollout_rows("ue", [1, 2, 3], [1.0, 0.0], [1, 1]), **rollout_rows("uf", [10], [0.0, 1.0], [1, 1])}
     batch, metrics = run_step2_sample(s, fake_tq, monkeypatch, fresh=same_prompt)
@@ -424,11 +447,11 @@ def test_fresh_prompt_excludes_its_stored_group(fake_tq, monkeypatch):
 
 
 def test_after_old_log_prob_decoupled_weights_and_unchanged_pi_old(fake_tq, monkeypatch):
-    s = make_sampler(enable=True, correction="decoupled", truncation=2.0)
+    s = make_stage(enable=True, correction="decoupled", truncation=2.0)
     run_step1(s, fake_tq, monkeypatch)
     batch, _ = run_step2_sample(s, fake_tq, monkeypatch)
     fake_tq.write("old_log_probs", OLD2)
-    metrics = s.after_old_log_prob(batch)
+    metrics = call(s.after_old_log_prob, batch, step=2)
     ws = [min(math.exp(o - m), 2.0) for k in REPLAYED_KEYS for o, m in zip(OLD2[k], OLD1[k], strict=True)]
     # by hand: ua_0_0 [e^0.5 -> 1.6487, e^-0.5], ua_1_0 [1, e^1 -> 2 (cap), e^2 -> 2], ub_0_0 [e^-2], ub_1_0 [1, 1]
     assert len(ws) == 8
@@ -440,22 +463,22 @@ def test_after_old_log_prob_decoupled_weights_and_unchanged_pi_old(fake_tq, monk
 
 
 def test_after_old_log_prob_decoupled_no_truncation(fake_tq, monkeypatch):
-    s = make_sampler(enable=True, correction="decoupled")
+    s = make_stage(enable=True, correction="decoupled")
     run_step1(s, fake_tq, monkeypatch)
     batch, _ = run_step2_sample(s, fake_tq, monkeypatch)
     fake_tq.write("old_log_probs", OLD2)
-    got = s.after_old_log_prob(batch)["replay/is_weight_mean"]
+    got = call(s.after_old_log_prob, batch, step=2)["replay/is_weight_mean"]
     assert got == pytest.approx((math.exp(0.5) + math.exp(-0.5) + 1 + math.e + math.exp(2) + math.exp(-2) + 2) / 8,
                                 rel=1e-6)
 
 
 @pytest.mark.parametrize("truncation", [None, 2.0])
 def test_after_old_log_prob_plain_anchors_replayed_rows(fake_tq, monkeypatch, truncation):
-    s = make_sampler(enable=True, correction="plain", truncation=truncation)
+    s = make_stage(enable=True, correction="plain", truncation=truncation)
     run_step1(s, fake_tq, monkeypatch)
     batch, _ = run_step2_sample(s, fake_tq, monkeypatch)
     fake_tq.write("old_log_probs", OLD2)
-    s.after_old_log_prob(batch)
+    call(s.after_old_log_prob, batch, step=2)
     log_c = math.inf if truncation is None else math.log(truncation)
     for k in REPLAYED_KEYS:  # max(mu, old - log c); = mu without truncation
         want = [max(m, o - log_c) for o, m in zip(OLD2[k], OLD1[k])]
@@ -469,20 +492,20 @@ def test_after_old_log_prob_plain_anchors_replayed_rows(fake_tq, monkeypatch, tr
 
 def test_after_old_log_prob_equal_lengths_dense_batch(fake_tq, monkeypatch):
     """Replayed responses of one length come back from TransferQueue as a dense [B, T] tensor."""
-    s = make_sampler(enable=True, correction="plain")
+    s = make_stage(enable=True, correction="plain")
     rows = {**rollout_rows("ua", [1], [1.0, 0.0], [2, 2]), **rollout_rows("ub", [2], [0.0, 1.0], [2, 2])}
-    assert s.plan_step(2) == 2
-    batch, _, _ = run_sample(s, fake_tq, monkeypatch, 1, rows, 2)
+    assert plan(s, 2) == 2
+    batch, _, _ = run_sample(s, fake_tq, monkeypatch, 1, rows, 2, n_fresh=2)
     fake_tq.write("old_log_probs", {k: [-1.0, -2.0] for k in rows})
     fake_tq.write("advantages", {k: [1.0, 1.0] for k in rows})
     s.store_fresh(batch, 1)
-    assert s.plan_step(2) == 1
+    assert plan(s, 2, step=2) == 1
     fresh = rollout_rows("uc", [3], [1.0, 0.0], [2, 2])
-    batch, metrics, _ = run_sample(s, fake_tq, monkeypatch, 2, fresh, 2)
+    batch, metrics, _ = run_sample(s, fake_tq, monkeypatch, 2, fresh, 2, n_fresh=1)
     keys = [k for k in batch.keys if s.is_replayed(k)]  # one group of two responses (B=2, delta=0.5)
     assert len(keys) == 2 and keys[0].split("_")[0] in ("ua", "ub") and metrics["replay/replayed_groups"] == 1.0
     fake_tq.write("old_log_probs", {k: [0.0, -3.0] for k in batch.keys})
-    w = s.after_old_log_prob(batch)["replay/is_weight_mean"]
+    w = call(s.after_old_log_prob, batch, step=2)["replay/is_weight_mean"]
     assert w == pytest.approx((math.exp(1.0) + math.exp(-1.0)) / 2, rel=1e-6)
     for k in keys:
         assert fake_tq.get(k, "old_log_probs").tolist() == [-1.0, -2.0]
@@ -490,14 +513,14 @@ def test_after_old_log_prob_equal_lengths_dense_batch(fake_tq, monkeypatch):
 
 @pytest.mark.parametrize("reuse", [True, False])
 def test_after_advantage_restores_stored_advantages(fake_tq, monkeypatch, reuse):
-    s = make_sampler(enable=True, reuse_advantages=reuse)
+    s = make_stage(enable=True, reuse_advantages=reuse)
     run_step1(s, fake_tq, monkeypatch)
     batch, _ = run_step2_sample(s, fake_tq, monkeypatch)
     fake_tq.write("old_log_probs", OLD2)
-    s.after_old_log_prob(batch)
+    call(s.after_old_log_prob, batch, step=2)
     recomputed = {k: [-7.0] * len(v) for k, v in OLD2.items()}
     fake_tq.write("advantages", recomputed)
-    s.after_advantage(batch)
+    call(s.after_advantage, batch, step=2)
     for k in REPLAYED_KEYS:
         want = ADV1[k] if reuse else recomputed[k]
         assert fake_tq.get(k, "advantages").tolist() == want, k
@@ -506,128 +529,36 @@ def test_after_advantage_restores_stored_advantages(fake_tq, monkeypatch, reuse)
 
 
 def test_step2_store_fresh_keeps_replayed_groups_and_dedups(fake_tq, monkeypatch):
-    s = make_sampler(enable=True)
+    s = make_stage(enable=True)
     run_step1(s, fake_tq, monkeypatch)
     same_prompt = {**rollout_rows("ue", [1, 2, 3], [0.0, 1.0], [1, 1]), **rollout_rows("uf", [10], [1.0, 1.0], [1, 1])}
     batch, _ = run_step2_sample(s, fake_tq, monkeypatch, fresh=same_prompt)
     fake_tq.write("old_log_probs", {k: [-0.5] * len(fake_tq.data[P][k]["responses"]) for k in batch.keys})
-    s.after_old_log_prob(batch)
+    call(s.after_old_log_prob, batch, step=2)
     fake_tq.write("advantages", {k: [0.0] * len(fake_tq.data[P][k]["responses"]) for k in batch.keys})
-    s.after_advantage(batch)
-    out = s.store_fresh(batch, 2)
+    call(s.after_advantage, batch, step=2)
+    out = call(s.after_update_actor, batch, step=2)
     # ue (mixed) replaces ua (same prompt), uf (all correct) is skipped, replayed ub is not re-added
     assert out == {"replay/stored": 1, "replay/evicted": 0, "replay/size": 2}
     assert [(g.uid, g.step) for g in s.buffer.groups] == [("ub", 1), ("ue", 2)]
     assert torch.equal(s.buffer.groups[0].payload["behaviour_log_probs"][1], torch.tensor(OLD1["ub_1_0"]))  # mu kept
 
 
-def test_sampler_state_round_trip_and_fingerprint(fake_tq, monkeypatch):
-    s = make_sampler(enable=True, store_only_mixed=False)
+def test_stage_state_round_trip_and_fingerprint(fake_tq, monkeypatch):
+    s = make_stage(enable=True, store_only_mixed=False)
     run_step1(s, fake_tq, monkeypatch)
     for _ in range(3):  # advance the sampling generator: the state must carry it
         s.buffer.sample(2)
     blob = io.BytesIO()
     torch.save(s.state_dict(), blob)
     blob.seek(0)
-    t = make_sampler(enable=True, store_only_mixed=False)
+    t = make_stage(enable=True, store_only_mixed=False)
     assert t.fingerprint() != s.fingerprint()
     t.load_state_dict(torch.load(blob, weights_only=False))
     assert t.fingerprint() == s.fingerprint() == state_fingerprint(s.state_dict())
     t.load_state_dict({})  # replay was off in the checkpoint: ignored
     assert t.fingerprint() == s.fingerprint()
-    # the restored sampler draws the same replayed groups as the original (4 stored, 2 drawn)
+    # the restored stage draws the same replayed groups as the original (4 stored, 2 drawn)
     b1, _ = run_step2_sample(s, fake_tq, monkeypatch)
     b2, _ = run_step2_sample(t, fake_tq, monkeypatch)
     assert len(b1.keys) == 8 and b1.keys == b2.keys
-
-
-# ----------------------------------------------------------------------------- configure_replay
-@pytest.fixture(scope="module")
-def composed():
-    """Composed configs (unresolved, as recipe.main.run sees them): default and grpo_dots_rr."""
-    out = {}
-    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        out["default"] = hydra.compose("config")
-        out["dots_rr"] = hydra.compose("config", overrides=["recipe=grpo_dots_rr"])
-        out["dots_rr_c2"] = hydra.compose("config", overrides=["recipe=grpo_dots_rr", "replay.truncation=2"])
-    return out
-
-
-def _cfg(composed, name="dots_rr", **edits):
-    cfg = copy.deepcopy(composed[name])
-    with open_dict(cfg):
-        for key, value in edits.items():
-            OmegaConf.update(cfg, key.replace("__", "."), value, force_add=True)
-    return cfg
-
-
-def test_configure_replay_off_leaves_config_untouched(composed):
-    cfg = _cfg(composed, "default")
-    assert cfg.replay.enable is False
-    before = OmegaConf.to_container(cfg, resolve=False)
-    configure_replay(cfg)
-    assert OmegaConf.to_container(cfg, resolve=False) == before
-    assert cfg.data.get("gen_batch_size") is None and cfg.algorithm.rollout_correction.rollout_is is None
-
-
-def test_configure_replay_grpo_dots_rr(composed):
-    cfg = _cfg(composed)
-    assert cfg.data.train_batch_size == 4 and cfg.data.get("gen_batch_size") is None
-    configure_replay(cfg)
-    assert cfg.data.gen_batch_size == 2  # gcd(B=4, round(0.5 * 4) = 2)
-    rc = cfg.algorithm.rollout_correction
-    assert rc.rollout_is == "token" and rc.rollout_is_threshold == math.inf
-    # the sampler's kwargs follow the interpolation
-    assert OmegaConf.select(cfg, "trainer.v1.sampler.sampler_kwargs.gen_batch_size") == 2
-
-
-@pytest.mark.parametrize("batch,delta,gen", [(6, 0.5, 3), (8, 0.25, 2), (5, 0.5, 1), (4, 1.0, 4)])
-def test_configure_replay_gen_batch_size_is_gcd(composed, batch, delta, gen):
-    cfg = _cfg(composed, data__train_batch_size=batch, replay__fresh_fraction=delta)
-    configure_replay(cfg)
-    assert cfg.data.gen_batch_size == gen
-
-
-def test_configure_replay_truncation_sets_threshold(composed):
-    cfg = _cfg(composed, "dots_rr_c2")
-    configure_replay(cfg)
-    assert cfg.algorithm.rollout_correction.rollout_is == "token"
-    assert cfg.algorithm.rollout_correction.rollout_is_threshold == 2.0
-
-
-def test_configure_replay_plain_leaves_rollout_correction(composed):
-    cfg = _cfg(composed, replay__correction="plain", actor_rollout_ref__rollout__calculate_log_probs=False)
-    configure_replay(cfg)
-    assert cfg.algorithm.rollout_correction.rollout_is is None
-    assert cfg.algorithm.rollout_correction.rollout_is_threshold == composed["dots_rr"].algorithm.rollout_correction \
-        .rollout_is_threshold
-    assert cfg.data.gen_batch_size == 2
-
-
-def test_configure_replay_keeps_explicit_rollout_is(composed):
-    cfg = _cfg(composed, algorithm__rollout_correction__rollout_is="sequence",
-               algorithm__rollout_correction__rollout_is_threshold=5.0)
-    configure_replay(cfg)
-    assert cfg.algorithm.rollout_correction.rollout_is == "sequence"
-    assert cfg.algorithm.rollout_correction.rollout_is_threshold == 5.0
-
-
-def test_configure_replay_explicit_gen_batch_size(composed):
-    ok = _cfg(composed, data__gen_batch_size=1)
-    configure_replay(ok)
-    assert ok.data.gen_batch_size == 1
-    with pytest.raises(ConfigError, match=r"data\.gen_batch_size=3 must divide both"):
-        configure_replay(_cfg(composed, data__gen_batch_size=3))
-
-
-@pytest.mark.parametrize("edits,named", [
-    ({"actor_rollout_ref__rollout__calculate_log_probs": False}, r"actor_rollout_ref\.rollout\.calculate_log_probs"),
-    ({"algorithm__rollout_correction__bypass_mode": True}, r"algorithm\.rollout_correction\.bypass_mode"),
-    ({"replay__foo": 1}, r"replay\.foo"),
-    ({"replay__capacity": 0}, r"replay\.capacity"),
-    ({"replay__truncation": 0.5}, r"replay\.truncation"),
-    ({"replay__correction": "ppo"}, r"replay\.correction"),
-])
-def test_configure_replay_errors_name_the_key(composed, edits, named):
-    with pytest.raises(ConfigError, match=named):
-        configure_replay(_cfg(composed, **edits))

@@ -40,7 +40,7 @@ HARD = 3.0
 # worker; the test machine has 2 cores shared with other work.
 MARGIN = 4.0
 BOUND = HARD + MARGIN
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 from tests.paths import MATH500  # noqa: E402
 
 CAPS = dict(max_chars=1000, max_nesting_depth=10, max_exponent_digits=4, max_factorial_digits=4)

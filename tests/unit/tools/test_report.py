@@ -15,7 +15,7 @@ import pytest
 
 from recipe import report as rp
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 VAL = "val-core/gsm8k/acc/mean@1"
 VAL_MATH = "val-core/math500/acc/mean@4"

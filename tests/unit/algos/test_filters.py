@@ -1,20 +1,20 @@
-"""Group filter decisions of recipe.algos.filters (Minimalist paper Reinforce-Rej, DAPO refill)."""
+"""Group filter decisions of recipe.algos.filters (Minimalist paper Reinforce-Rej, DAPO refill).
+The ``group_filter`` node itself: tests/unit/config/test_nodes.py."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from recipe.algos.filters import (
     GroupDecision,
-    GroupFilterConfig,
     decide_groups,
     filter_metrics,
     group_accuracy,
     keep_mask,
 )
+from recipe.config import GroupFilterConfig
 
 # groups of 4 responses: all-correct, all-wrong, 1/4, 1/2, 3/4 correct
 INDEX = ["c"] * 4 + ["w"] * 4 + ["q1"] * 4 + ["h"] * 4 + ["q3"] * 4
@@ -123,47 +123,3 @@ def test_filter_metrics():
         "filter/gen_rounds": 2,
     }
     assert filter_metrics(GroupDecision(), 1)["filter/kept_groups"] == 0
-
-
-def test_from_config_dictconfig_and_defaults():
-    node = {"drop_all_wrong": True, "band": [0.1, 0.9], "mode": "refill", "max_gen_rounds": 3, "oversample": 1.5}
-    cfg = GroupFilterConfig.from_config(OmegaConf.create(node))
-    assert cfg.drop_all_wrong and not cfg.drop_all_correct
-    assert cfg.band == (0.1, 0.9) and isinstance(cfg.band, tuple)
-    assert (cfg.mode, cfg.max_gen_rounds, cfg.oversample, cfg.metric) == ("refill", 3, 1.5, "acc")
-    assert cfg.enabled
-    assert GroupFilterConfig.from_config(None) == GroupFilterConfig()
-    assert GroupFilterConfig.from_config({"band": None}).band is None
-    assert GroupFilterConfig.from_config(cfg) is cfg
-    assert GroupFilterConfig(band=(0.2, 0.8)).enabled
-
-
-@pytest.mark.parametrize(
-    ("value", "key"),
-    [
-        ({"mode": "resample"}, "group_filter.mode"),
-        ({"band": [0.8, 0.2]}, "group_filter.band"),
-        ({"band": [-0.1, 0.5]}, "group_filter.band"),
-        ({"band": [0.5, 1.5]}, "group_filter.band"),
-        ({"band": [0.5]}, "group_filter.band"),
-        ({"band": "0.2,0.8"}, "group_filter.band"),
-        ({"band": 0.5}, "group_filter.band"),
-        ({"max_gen_rounds": 0}, "group_filter.max_gen_rounds"),
-        ({"max_gen_rounds": 1.5}, "group_filter.max_gen_rounds"),
-        ({"oversample": 0.5}, "group_filter.oversample"),
-        ({"metric": ""}, "group_filter.metric"),
-        ({"drop_all_wrong": "yes"}, "group_filter.drop_all_wrong"),
-        ({"drop_al_wrong": True}, "group_filter.drop_al_wrong"),
-    ],
-)
-def test_validation_errors_name_the_key(value, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        GroupFilterConfig.from_config(value)
-    if key != "group_filter.drop_al_wrong":
-        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-            GroupFilterConfig.from_config(OmegaConf.create(value))
-
-
-def test_from_config_rejects_non_mapping():
-    with pytest.raises(ValueError, match="group_filter"):
-        GroupFilterConfig.from_config([1, 2])

@@ -1,4 +1,4 @@
-"""Tests of recipe.tasks.arithmetic: the synthetic task of the learning benchmarks."""
+"""Tests of benchmarks.tasks.arithmetic: the synthetic task of the learning benchmarks."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks.tasks import arithmetic as ar
+from benchmarks.tasks.arithmetic import ArithmeticSpec, Problem
 from recipe.data import COLUMNS, validate_verl_parquet
 from recipe.reward.math_reward import compute_score
-from recipe.tasks import arithmetic as ar
-from recipe.tasks.arithmetic import ArithmeticSpec, Problem
 
 ADD2 = ArithmeticSpec(min_digits=2, max_digits=2, ops=("+",))
 MIXED = ArithmeticSpec(min_digits=1, max_digits=2, ops=("+", "-", "*"))
@@ -214,7 +214,7 @@ def _learning_setup():
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "learning_setup.py"
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / "learning_setup.py"
     spec = importlib.util.spec_from_file_location("learning_setup", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["learning_setup"] = mod  # dataclasses look their module up there

@@ -1,40 +1,31 @@
-"""Iterative DPO + LoRR pieces of recipe.algos.preference (arXiv 2504.11343 §1, 2508.06412 §3):
-preference losses (DPO / IPO / SimPO), pair construction, shrink-and-perturb reset, SFT schedule,
-configs and the actor's micro-batch loss. Every expected number is computed by hand with math.
+"""Iterative DPO pieces of recipe.algos.preference (arXiv 2504.11343 §1, 2508.06412 §3):
+preference losses (DPO / IPO / SimPO) and their registry, pair construction and the actor's
+micro-batch loss (with LoRR's SFT term). Every expected number is computed by hand with math.
+LoRR's reset / schedule: test_lorr.py; the config nodes: tests/unit/config/test_nodes.py.
 CPU only, no Ray."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from recipe.algos.preference import (
     PREFERENCE_LOSSES,
-    LorrConfig,
-    LorrResetConfig,
     PairStats,
-    PreferenceConfig,
     PreferenceLossOutput,
     build_pairs,
     dpo_loss,
     get_preference_loss,
-    interpolate_,
     ipo_loss,
-    module_matches,
     preference_microbatch_loss,
     register_preference_loss,
-    reset_due,
-    reset_named_parameters_,
     sequence_logps,
-    sft_weight,
     simpo_loss,
-    snapshot,
 )
+from recipe.config import PreferenceConfig
 
 INF = float("inf")
 
@@ -222,189 +213,6 @@ def test_build_pairs_errors():
         build_pairs(["a", "a"], [1.0])
     with pytest.raises(ValueError, match=r"row 1 \(uid 'a'\)"):
         build_pairs(["a", "a"], [1.0, float("nan")])
-
-
-# --------------------------------------------------------------------------- LoRR reset
-
-
-class Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.mlp = torch.nn.Module()
-        self.mlp.up_proj = torch.nn.Linear(3, 4)
-        self.mlp.down_proj = torch.nn.Linear(4, 3)
-
-
-def test_module_matches():
-    assert module_matches("model.layers.0.mlp.down_proj.weight")
-    assert not module_matches("model.layers.0.mlp.up_proj.weight")
-    assert module_matches("model.layers.10.self_attn.q_proj.weight", r"layers\.1\d\..*q_proj")
-    assert not module_matches("model.layers.1.self_attn.q_proj.weight", r"layers\.1\d\..*q_proj")
-
-
-def test_interpolate_values_identity_and_restore():
-    p = torch.tensor([1.0, 3.0])
-    assert interpolate_(p, torch.tensor([3.0, -1.0]), 0.5) is p
-    assert p.tolist() == [2.0, 1.0]  # 0.5 * [1, 3] + 0.5 * [3, -1]
-    q = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
-    before = q.clone()
-    interpolate_(q, torch.randn(5, 7), 1.0)
-    assert torch.equal(q, before)  # bit-identical
-    theta0 = torch.randn(5, 7)
-    interpolate_(q, theta0, 0.0)
-    assert torch.equal(q, theta0)
-    p = torch.tensor([1.0, 3.0])
-    interpolate_(p, torch.tensor([3.0, -1.0]), 0.25)
-    assert p.tolist() == [2.5, 0.0]  # 0.25 * [1, 3] + 0.75 * [3, -1]
-
-
-def test_interpolate_bf16_param_float_theta0_and_errors():
-    p = torch.tensor([1.0, 2.0], dtype=torch.bfloat16)
-    interpolate_(p, torch.tensor([2.0, 4.0]), 0.5)
-    assert p.dtype == torch.bfloat16 and p.tolist() == [1.5, 3.0]
-    for bad in (1.5, -0.1, float("nan"), True):
-        with pytest.raises(ValueError, match="alpha"):
-            interpolate_(torch.zeros(2), torch.zeros(2), bad)
-    with pytest.raises(ValueError, match="shape"):
-        interpolate_(torch.zeros(2), torch.zeros(3), 0.5)
-
-
-def test_reset_only_matching_modules_of_a_model():
-    torch.manual_seed(0)
-    model = Tiny()
-    theta0 = snapshot(model.named_parameters(), "down_proj")
-    assert sorted(theta0) == ["mlp.down_proj.bias", "mlp.down_proj.weight"]
-    assert all(v.device.type == "cpu" and not v.requires_grad for v in theta0.values())
-    init = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)  # "training"
-    assert torch.equal(theta0["mlp.down_proj.weight"], init["mlp.down_proj.weight"])  # snapshot is a copy
-    changed = reset_named_parameters_(model.named_parameters(), theta0, 0.5, "down_proj")
-    assert changed == ["mlp.down_proj.weight", "mlp.down_proj.bias"]
-    for n, p in model.named_parameters():
-        expected = init[n] + (0.5 if "down_proj" in n else 1.0)  # 0.5 (theta0 + 1) + 0.5 theta0
-        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
-        assert p.requires_grad and isinstance(p, torch.nn.Parameter)
-
-
-def test_reset_through_views_writes_to_the_parameters():
-    # what FSDP2 gives after DTensor.to_local(): a non-leaf view that requires grad
-    model = Tiny()
-    theta0 = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    views = [(n, p.view_as(p)) for n, p in model.named_parameters()]
-    assert all(v.requires_grad and v.grad_fn is not None for _, v in views)
-    changed = reset_named_parameters_(views, theta0, 0.0, "proj")
-    assert len(changed) == 4 and all(torch.equal(p, torch.zeros_like(p)) for p in model.parameters())
-
-
-def test_reset_missing_initial_value_names_parameter():
-    model = Tiny()
-    theta0 = snapshot(model.named_parameters(), "down_proj.weight")
-    with pytest.raises(KeyError, match=r"mlp\.down_proj\.bias"):
-        reset_named_parameters_(model.named_parameters(), theta0, 0.5, "down_proj")
-
-
-def test_sft_weight_schedule_and_errors():
-    assert [sft_weight(k, 0.25, 0.5) for k in range(4)] == [0.0, 0.25, 0.5, 0.5]
-    assert [sft_weight(k, 0.0, 0.5) for k in range(3)] == [0.0, 0.0, 0.0]
-    assert sft_weight(10, 0.1, 0.5) == 0.5
-    with pytest.raises(ValueError, match="k"):
-        sft_weight(-1, 0.25, 0.5)
-    with pytest.raises(ValueError, match=r"lorr\.sft"):
-        sft_weight(1, -0.25, 0.5)
-
-
-def test_reset_due():
-    assert [reset_due(c, 3) for c in range(8)] == [False, False, False, True, False, False, True, False]
-    assert [reset_due(c, 1) for c in range(3)] == [False, True, True]
-    assert not any(reset_due(c, 0) for c in range(5))
-
-
-# --------------------------------------------------------------------------- configs
-
-
-def test_preference_config_defaults_sources_and_resolution():
-    cfg = PreferenceConfig.from_config(None)
-    assert (cfg.loss, cfg.beta, cfg.label_smoothing, cfg.simpo_gamma_beta_ratio, cfg.pairs, cfg.reference,
-            cfg.length_normalize, cfg.seed, cfg.score_key) == (
-        "dpo", 0.1, 0.0, 0.5, "best_worst", "iteration_start", None, 0, None)
-    assert cfg.needs_reference and not cfg.length_normalized
-    assert cfg.loss_kwargs() == {"beta": 0.1, "label_smoothing": 0.0}
-    node = OmegaConf.create({"loss": "simpo", "beta": 2, "score_key": "acc", "label_smoothing": 0.1})
-    s = PreferenceConfig.from_config(node)
-    assert s.beta == 2.0 and isinstance(s.beta, float) and s.length_normalized and not s.needs_reference
-    assert s.loss_kwargs() == {"beta": 2.0, "label_smoothing": 0.1, "gamma_beta_ratio": 0.5}
-    assert PreferenceConfig.from_config({"loss": "ipo"}).length_normalized
-    assert not PreferenceConfig.from_config({"loss": "ipo", "length_normalize": False}).length_normalized
-    assert PreferenceConfig.from_config(s) is s
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        s.beta = 3.0
-
-
-def test_preference_config_unknown_keys_named():
-    with pytest.raises(ValueError, match=r"preference\.bta.*preference\.metric"):
-        PreferenceConfig.from_config({"bta": 1, "metric": "acc"})
-    with pytest.raises(ValueError, match="mapping"):
-        PreferenceConfig.from_config([1, 2])
-
-
-@pytest.mark.parametrize(
-    "key,value",
-    [("loss", "kto"), ("loss", 3), ("beta", 0), ("beta", -1.0), ("beta", "0.1"), ("beta", True), ("beta", float("inf")),
-     ("label_smoothing", 0.5), ("label_smoothing", -0.1), ("simpo_gamma_beta_ratio", -1.0), ("pairs", "best"),
-     ("reference", "previous"), ("length_normalize", 1), ("seed", 1.5), ("score_key", ""), ("score_key", 3)],
-)
-def test_preference_config_bad_values_name_key(key, value):
-    with pytest.raises(ValueError, match=rf"preference\.{key}"):
-        PreferenceConfig.from_config({key: value})
-
-
-def test_preference_config_ipo_rejects_label_smoothing():
-    with pytest.raises(ValueError, match=r"preference\.label_smoothing.*ipo"):
-        PreferenceConfig.from_config({"loss": "ipo", "label_smoothing": 0.1})
-
-
-def test_lorr_config_defaults_nested_and_disabled():
-    cfg = LorrConfig.from_config(None)
-    assert (cfg.enable, cfg.replays) == (False, 3)
-    assert dataclasses.asdict(cfg.reset) == {"enable": True, "alpha": 0.5, "pattern": "down_proj", "every": 3,
-                                             "unit": "replays", "reset_optimizer": False}
-    assert (cfg.reuse.enable, cfg.reuse.rollout_ratio) == (True, 0.5)
-    assert (cfg.sft.enable, cfg.sft.growth, cfg.sft.cap) == (True, 0.25, 0.5)
-    node = OmegaConf.create({"enable": True, "replays": 5, "reset": {"alpha": 0, "unit": "iterations"},
-                             "sft": {"cap": 1}})
-    on = LorrConfig.from_config(node)
-    assert isinstance(on.reset, LorrResetConfig) and on.reset.alpha == 0.0 and on.reset.unit == "iterations"
-    assert on.reset.every == 3 and on.sft.cap == 1.0 and on.replays == 5
-    assert on.effective() is on and [on.sft_lambda(k) for k in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
-    off = LorrConfig.disabled()
-    assert (off.enable, off.replays, off.reset.enable, off.reuse.enable, off.sft.enable) == (False, 1, False, False,
-                                                                                             False)
-    assert cfg.effective() == off and cfg.sft_lambda(2) == 0.0  # enable false -> plain iterative DPO
-
-
-def test_lorr_config_unknown_keys_named_with_path():
-    with pytest.raises(ValueError, match=r"lorr\.replay\b"):
-        LorrConfig.from_config({"replay": 3})
-    with pytest.raises(ValueError, match=r"lorr\.reset\.alpah"):
-        LorrConfig.from_config({"reset": {"alpah": 0.5}})
-    with pytest.raises(ValueError, match=r"lorr\.sft must be a mapping"):
-        LorrConfig.from_config({"sft": 0.5})
-
-
-@pytest.mark.parametrize(
-    "node,key",
-    [({"enable": "yes"}, "lorr.enable"), ({"replays": 0}, "lorr.replays"), ({"replays": 2.0}, "lorr.replays"),
-     ({"reset": {"alpha": 1.5}}, "lorr.reset.alpha"), ({"reset": {"every": 0}}, "lorr.reset.every"),
-     ({"reset": {"unit": "steps"}}, "lorr.reset.unit"), ({"reset": {"pattern": "("}}, "lorr.reset.pattern"),
-     ({"reset": {"reset_optimizer": None}}, "lorr.reset.reset_optimizer"),
-     ({"reuse": {"rollout_ratio": -0.1}}, "lorr.reuse.rollout_ratio"), ({"sft": {"growth": -1}}, "lorr.sft.growth"),
-     ({"sft": {"cap": "0.5"}}, "lorr.sft.cap")],
-)
-def test_lorr_config_bad_values_name_key(node, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        LorrConfig.from_config(node)
 
 
 # --------------------------------------------------------------------------- micro-batch loss

@@ -9,10 +9,8 @@ import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from recipe.algos.replay import (
-    ReplayConfig,
     ReplayGroup,
     RolloutReplayBuffer,
     behaviour_weights,
@@ -51,38 +49,6 @@ def grp(key, mean=0.5, uid=None, payload=None):
 
 def buf(**kw):
     return RolloutReplayBuffer({"enable": True, **kw})
-
-
-# --------------------------------------------------------------------------- config
-
-
-def test_config_defaults_and_sources():
-    cfg = ReplayConfig.from_config(None)
-    assert (cfg.enable, cfg.capacity, cfg.fresh_fraction, cfg.store_only_mixed, cfg.dedup_by_prompt) == (
-        False, 256, 0.5, True, True)
-    assert (cfg.correction, cfg.truncation, cfg.reuse_advantages, cfg.seed, cfg.metric) == (
-        "decoupled", None, True, 0, "acc")
-    node = OmegaConf.create({"enable": True, "capacity": 512, "truncation": 2, "correction": "plain"})
-    cfg = ReplayConfig.from_config(node)
-    assert cfg.capacity == 512 and cfg.truncation == 2.0 and isinstance(cfg.truncation, float)
-    assert ReplayConfig.from_config(cfg) is cfg
-
-
-def test_config_unknown_keys_named():
-    with pytest.raises(ValueError, match=r"replay\.capcity.*replay\.zzz"):
-        ReplayConfig.from_config({"capcity": 3, "zzz": 1, "enable": True})
-
-
-@pytest.mark.parametrize(
-    "key,value",
-    [("enable", "yes"), ("capacity", 0), ("capacity", 2.5), ("capacity", True), ("fresh_fraction", 0.0),
-     ("fresh_fraction", 1.5), ("fresh_fraction", float("nan")), ("store_only_mixed", 1), ("dedup_by_prompt", None),
-     ("reuse_advantages", "no"),
-     ("correction", "tis"), ("truncation", 0.5), ("truncation", "2"), ("seed", 1.0), ("metric", "")],
-)
-def test_config_bad_value_names_key(key, value):
-    with pytest.raises(ValueError, match=rf"replay\.{key}"):
-        ReplayConfig.from_config({key: value})
 
 
 # --------------------------------------------------------------------------- add / FIFO / dedup

@@ -14,7 +14,7 @@ import pytest
 from benchmarks import learning as lb
 from benchmarks import runs
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 VAL = "val/arithmetic/avg@4"
 
 
@@ -156,6 +156,8 @@ def test_default_recipes_grow_with_the_configs(tmp_path):
     # the real conf: the six base recipes are there; grpo_dots_rr is not a default
     real = lb.default_recipes()
     assert real[:6] == list(lb.BASE_RECIPES) and "grpo_dots_rr" not in real
+    # every recipe the benchmark names is a yaml of conf/recipe/
+    assert {*lb.BASE_RECIPES, *lb.OPTIONAL_RECIPES} <= {p.stem for p in (REPO / "conf" / "recipe").glob("*.yaml")}
 
 
 def test_recipe_settings_from_the_real_configs(tmp_path):

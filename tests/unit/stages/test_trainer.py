@@ -1,0 +1,47 @@
+"""Pure parts of the trainer (recipe/stages/trainer.py), without Ray or a verl run: the
+``recipe_state.pt`` layouts it reads, and the step stages it skips for a batch the group
+filter emptied."""
+
+from __future__ import annotations
+
+from transfer_queue import KVBatchMeta
+
+from recipe.stages.base import ORDER
+from recipe.stages.rows import SKIP_UPDATE
+from recipe.stages.trainer import LEGACY_STATE_KEYS, SKIP_WHEN_EMPTY, TRAINER_MODE, RecipeTrainer, stage_states
+from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+
+
+def test_stage_states_current_layout():
+    state = {"global_steps": 4,
+             "stages": {"rollout_replay": {"groups": []}, "dots": {"rounds": 2}, "reward_metrics": {}}}
+    assert stage_states(state) == {"rollout_replay": {"groups": []}, "dots": {"rounds": 2}, "reward_metrics": {}}
+    assert stage_states(state) is not state["stages"]  # a copy
+
+
+def test_stage_states_layout_before_stages():
+    old = {"global_steps": 4, "replay": {"groups": [1]}, "dots": {"rounds": 2},
+           "preference": {"stage": {"iteration": 1}, "sampler": {"initial": []}}}
+    assert stage_states(old) == {"rollout_replay": {"groups": [1]}, "dots": {"rounds": 2},
+                                 "preference": {"stage": {"iteration": 1}, "sampler": {"initial": []}}}
+    # parts that were off when saved (empty / None) are left out
+    assert stage_states({"global_steps": 2, "replay": {}, "dots": None, "preference": {"stage": {}}}) == {
+        "preference": {"stage": {}}}
+    assert stage_states({"global_steps": 1}) == {}
+    assert set(LEGACY_STATE_KEYS.values()) <= set(ORDER)
+
+
+def test_trainer_is_registered_under_its_mode():
+    assert TRAINER_REGISTRY[TRAINER_MODE] is RecipeTrainer and TRAINER_MODE == "recipe_sync"
+
+
+def test_a_skipped_batch_skips_every_training_stage_and_its_metrics():
+    trainer = RecipeTrainer.__new__(RecipeTrainer)  # no workers: a stage that ran would fail
+    skipped = KVBatchMeta(partition_id="train", keys=["a_0_0", "a_0_1"], tags=[{SKIP_UPDATE: True}] * 2)
+    empty = KVBatchMeta(partition_id="train", keys=[], tags=[])
+    for name in SKIP_WHEN_EMPTY:
+        for batch in (skipped, empty):
+            assert getattr(trainer, name)(batch, {}) is batch, name
+    metrics = {}
+    trainer._compute_metrics(skipped, metrics, {}, 5, 0)
+    assert metrics == {"training/global_step": 5, "training/epoch": 0}
