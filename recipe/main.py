@@ -116,6 +116,8 @@ def check_stages(cfg: DictConfig) -> None:
 
     try:
         classes = enabled_stage_classes(cfg)
+    except ImportError as e:
+        raise ConfigError(f"stages.extra: cannot import a stage module: {e}") from None
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for cls in classes:

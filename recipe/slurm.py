@@ -22,7 +22,7 @@ function. Two things differ from a plain run, both handled here:
 
 Everything that reads the environment goes through :func:`allocation_from_env` and the
 pure command builders, so the logic is testable without Slurm or Ray
-(``tests/unit/test_slurm.py``); the real thing is tested by ``tests/slurm``.
+(``tests/unit/tools/test_slurm.py``); the real thing is tested by ``tests/slurm``.
 """
 
 from __future__ import annotations

@@ -245,7 +245,7 @@ def effective_ratio(uids: Sequence[str], accs: Sequence[float]) -> float | None:
     """
     if len(uids) != len(accs):
         raise ValueError(f"effective_ratio: {len(uids)} uids but {len(accs)} accuracies")
-    if not uids:
+    if len(uids) == 0:
         return None
     acc = group_accuracy(list(uids), list(accs))
     return float(np.mean([0.0 < a < 1.0 for a in acc.values()]))
