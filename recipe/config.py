@@ -611,7 +611,7 @@ def configure_replay(cfg) -> None:
     rcfg = load_node(cfg, "replay")
     if not rcfg.enable:
         return
-    from recipe.algos.replay import fresh_count
+    from recipe.algos.rollout_replay import fresh_count
 
     batch = int(cfg.data.train_batch_size)
     n_fresh = fresh_count(rcfg.fresh_fraction, batch)

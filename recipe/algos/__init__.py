@@ -11,10 +11,12 @@ Preference optimisation (iterative DPO, LoRR; ``recipe.algos.preference``): the 
 ``dpo``, ``ipo``, ``simpo`` (its own registry, ``PREFERENCE_LOSSES``: they need pairs, which
 verl's policy-loss signature cannot carry), pair building and the LoRR reset / SFT pieces.
 
-Group filters (Reinforce-Rej, DAPO-style refill) are pure decisions in
-``recipe.algos.filters``. Importing twice is harmless.
+Pure parts of the other methods, one concept per module: ``group_filter`` (Reinforce-Rej,
+DAPO-style refill decisions), ``rollout_replay`` (buffer, off-policy weights), ``dots``
+(difficulty prediction, selection, adapter), ``lorr`` (reset arithmetic, lambda_k, reuse
+draw), ``metrics`` (avg@k, pass@k, effective ratio). Importing twice is harmless.
 """
 
-from recipe.algos import advantages, filters, losses, preference
+from recipe.algos import advantages, group_filter, losses, preference
 
-__all__ = ["advantages", "filters", "losses", "preference"]
+__all__ = ["advantages", "group_filter", "losses", "preference"]

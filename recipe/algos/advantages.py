@@ -22,7 +22,7 @@ reproduce (rows of the PAPERS.md §1 table):
   loss ``raft_pp``.
 
 The group filter of Reinforce-Rej (drop all-correct / all-wrong groups) is not an
-advantage: it lives in ``recipe.algos.filters`` and runs on the batch before this.
+advantage: it lives in ``recipe.algos.group_filter`` and runs on the batch before this.
 
 verl calls a registered estimator as ``fn(token_level_rewards=[B, T], response_mask=[B, T],
 config=<algorithm config>, index=<uid array, len B>)`` (``index`` only when the batch has a

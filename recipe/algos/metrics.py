@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from recipe.algos.filters import group_accuracy
+from recipe.algos.group_filter import group_accuracy
 from recipe.config import ConfigError
 
 #: Name of the averaged pseudo-benchmark in metric keys (``average/avg@16``).

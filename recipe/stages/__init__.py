@@ -4,8 +4,8 @@ that hooks into verl's V1 training step, named like its algorithm module.
 - :mod:`~recipe.stages.base`: the Stage protocol, :class:`~recipe.stages.base.Handles`, the registry.
 - :mod:`~recipe.stages.rows`: TransferQueue row helpers (uid from key, padding, tags, reward fields).
 - :mod:`~recipe.stages.group_filter`: the sampler every recipe uses (group filter, then the
-  stages' ``sample`` hooks); algorithm :mod:`recipe.algos.filters`.
-- :mod:`~recipe.stages.rollout_replay`: rollout replay; :mod:`recipe.algos.replay`.
+  stages' ``sample`` hooks); algorithm :mod:`recipe.algos.group_filter`.
+- :mod:`~recipe.stages.rollout_replay`: rollout replay; :mod:`recipe.algos.rollout_replay`.
 - :mod:`~recipe.stages.dots`: DOTS reference rounds and selection; :mod:`recipe.algos.dots`.
 - :mod:`~recipe.stages.preference`: iterative DPO / LoRR; :mod:`recipe.algos.preference`,
   :mod:`recipe.algos.lorr`.

@@ -6,7 +6,7 @@ custom one plugs in with ``trainer.v1.sampler.custom_sampler.{path,name}``
 (``conf/config.yaml`` sets :class:`GroupFilterSampler`). It is verl's synchronous sampler
 with this project's group filter applied between reward and advantage: whole groups (all
 responses of one prompt, one ``uid``) are kept or dropped by their accuracy
-(:mod:`recipe.algos.filters`, settings :class:`recipe.config.GroupFilterConfig`):
+(:mod:`recipe.algos.group_filter`, settings :class:`recipe.config.GroupFilterConfig`):
 
 - ``mode: drop`` (the Minimalist paper's Reinforce-Rej): train on the groups that are left;
   if none is left the update is skipped with a warning (rows tagged ``skip_update``).
@@ -40,7 +40,7 @@ import time
 import transfer_queue as tq
 from transfer_queue import KVBatchMeta
 
-from recipe.algos.filters import GroupDecision, decide_groups, filter_metrics, group_accuracy
+from recipe.algos.group_filter import GroupDecision, decide_groups, filter_metrics, group_accuracy
 from recipe.config import GroupFilterConfig
 from recipe.stages.base import SampleContext
 from recipe.stages.rows import mark_skipped, response_metric, uid_of
@@ -88,7 +88,7 @@ class GroupFilterSampler(ReplayBuffer):
     def _group_accuracy(self, partition_id: str, uids: set[str]) -> dict[str, float]:
         """uid -> mean of the filter metric (``reward_extra_info[metric]``) over the group's
         responses, for the groups of ``uids`` that have trajectories (via
-        :func:`recipe.algos.filters.group_accuracy`)."""
+        :func:`recipe.algos.group_filter.group_accuracy`)."""
         keys = [k for k in self.partitions[partition_id] if uid_of(k) in uids]
         if not keys:
             return {}

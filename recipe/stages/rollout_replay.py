@@ -1,7 +1,7 @@
 """Rollout replay inside verl's V1 sampling stage (DOTS + RR paper, arXiv 2506.05316, §4).
 
 :class:`RolloutReplayStage` (``replay.enable``; settings :class:`recipe.config.ReplayConfig`)
-keeps a replay buffer of whole groups (:class:`recipe.algos.replay.RolloutReplayBuffer`).
+keeps a replay buffer of whole groups (:class:`recipe.algos.rollout_replay.RolloutReplayBuffer`).
 A training step of ``B`` groups is, through its hooks (:mod:`recipe.stages.base`):
 
 1. ``plan``: how many fresh prompts to generate: ``round(delta * B)`` once the buffer holds
@@ -54,7 +54,7 @@ import transfer_queue as tq
 from tensordict import TensorDict
 from transfer_queue import KVBatchMeta
 
-from recipe.algos.replay import ReplayGroup, RolloutReplayBuffer, behaviour_weights, plain_old_log_prob
+from recipe.algos.rollout_replay import ReplayGroup, RolloutReplayBuffer, behaviour_weights, plain_old_log_prob
 from recipe.config import ReplayConfig
 from recipe.stages.base import Handles, SampleContext, Stage, register_stage
 from recipe.stages.rows import (

@@ -86,7 +86,7 @@ def test_every_module_has_a_layer():
     assert {"recipe.stages.base", "recipe.stages.rows", "recipe.stages.group_filter", "recipe.stages.rollout_replay",
             "recipe.stages.dots", "recipe.stages.preference", "recipe.stages.reward_metrics",
             "recipe.stages.workers"} <= set(MODULES)
-    assert {"recipe.algos.metrics", "recipe.algos.lorr", "recipe.algos.dots", "recipe.algos.replay"} <= set(MODULES)
+    assert {"recipe.algos.metrics", "recipe.algos.lorr", "recipe.algos.dots", "recipe.algos.rollout_replay"} <= set(MODULES)
 
 
 def _allowed_for_stage(target: str) -> bool:

@@ -25,7 +25,7 @@ import torch
 from transfer_queue import KVBatchMeta
 
 import recipe.stages.rollout_replay as rr
-from recipe.algos.replay import ReplayGroup, RolloutReplayBuffer
+from recipe.algos.rollout_replay import ReplayGroup, RolloutReplayBuffer
 from recipe.config import ReplayConfig
 from recipe.stages.base import Handles, SampleContext, Stage, build_stages
 from recipe.stages.group_filter import GroupFilterSampler

@@ -11,7 +11,7 @@ import pytest
 
 from recipe import models
 
-from tests.paths import GSM8K_TRAIN, QWEN_TOK, SHARED, require
+from tests.paths import GSM8K_TRAIN, QWEN_TOK, require
 
 require(GSM8K_TRAIN, QWEN_TOK / "tokenizer.json")
 

@@ -1,4 +1,4 @@
-"""Rollout replay of recipe.algos.replay (DOTS + RR, arXiv 2506.05316): buffer, plan, state and the
+"""Rollout replay of recipe.algos.rollout_replay (DOTS + RR, arXiv 2506.05316): buffer, plan, state and the
 off-policy corrections, with parity against verl 0.9.1's ``vanilla`` loss and rollout-correction
 weights. CPU only, no Ray."""
 
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from recipe.algos.replay import (
+from recipe.algos.rollout_replay import (
     ReplayGroup,
     RolloutReplayBuffer,
     behaviour_weights,

@@ -1,4 +1,4 @@
-"""Group filter decisions of recipe.algos.filters (Minimalist paper Reinforce-Rej, DAPO refill).
+"""Group filter decisions of recipe.algos.group_filter (Minimalist paper Reinforce-Rej, DAPO refill).
 The ``group_filter`` node itself: tests/unit/config/test_nodes.py."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from recipe.algos.filters import (
+from recipe.algos.group_filter import (
     GroupDecision,
     decide_groups,
     filter_metrics,
