@@ -916,10 +916,15 @@ def _field_names(t: pa.DataType) -> set[str]:
     return {t.field(i).name for i in range(t.num_fields)} if pa.types.is_struct(t) else set()
 
 
-def validate_verl_parquet(path: str | os.PathLike) -> int:
+#: The columns verl's trainer reads from a training / validation file.
+TRAIN_COLUMNS: tuple[str, ...] = ("data_source", "prompt", "reward_model")
+
+
+def validate_verl_parquet(path: str | os.PathLike, columns: tuple[str, ...] = COLUMNS) -> int:
     """Checks that a parquet file has the verl format.
 
-    Checks: every column of :data:`COLUMNS` is present; every ``prompt`` is a non-empty
+    Checks: every column of ``columns`` (default :data:`COLUMNS`; the trainer needs only
+    :data:`TRAIN_COLUMNS`) is present; every ``prompt`` is a non-empty
     list of messages with string ``role`` and ``content``; every ``reward_model`` has a
     non-null ``ground_truth``.
 
@@ -941,9 +946,9 @@ def validate_verl_parquet(path: str | os.PathLike) -> int:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: not a readable parquet file: {e}") from e
-    missing = [c for c in COLUMNS if c not in table.column_names]
+    missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise DataError(f"{path}: missing required column(s): {', '.join(missing)}")
+        raise DataError(f"{path}: missing required column(s): {', '.join(missing)} (has {table.column_names})")
     schema = table.schema
     rm_type = schema.field("reward_model").type
     if "ground_truth" not in _field_names(rm_type):

@@ -55,6 +55,24 @@ def prepare_data(cfg: DictConfig) -> None:
                 raise FileNotFoundError(f"data.{key}: recipe.data prepared {dataset} but {path} is still missing")
 
 
+def check_data_files(cfg: DictConfig) -> None:
+    """Check every training and validation file before Ray starts: it exists, is readable
+    parquet, and has the columns verl reads (``prompt`` as messages, ``reward_model`` with
+    a ``ground_truth`` on every row, ``data_source``).
+
+    Raises:
+        ConfigError: naming the config key, the file and the missing field or bad row.
+    """
+    from recipe import data as data_mod
+
+    for key in ("train_files", "val_files"):
+        for f in as_files(cfg.data.get(key)):
+            try:
+                data_mod.validate_verl_parquet(abs_path(f), columns=data_mod.TRAIN_COLUMNS)
+            except (data_mod.DataError, FileNotFoundError) as e:
+                raise ConfigError(f"data.{key}: {e}") from None
+
+
 def prepare_model(cfg: DictConfig) -> None:
     """Build the tiny model at ``actor_rollout_ref.model.path`` when asked and missing."""
     tm = cfg.get("tiny_model") or {}
@@ -124,6 +142,24 @@ def check_stages(cfg: DictConfig) -> None:
         cls.check_config(cfg)
 
 
+#: verl warns in every process that imports its engines about each optional engine it
+#: lacks (torchtitan, veomni, automodel, mindspeed, megatron): five lines per worker.
+ENGINE_WARNINGS = "ignore::UserWarning:verl.workers.engine"
+
+
+def quiet_engine_warnings(cfg: DictConfig) -> None:
+    """Silence verl's engine-availability warnings here and in every Ray worker
+    (``PYTHONWARNINGS``, passed through ``ray_kwargs.ray_init.runtime_env``); other warnings
+    are untouched."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"verl\.workers\.engine")
+    current = os.environ.get("PYTHONWARNINGS", "")
+    if ENGINE_WARNINGS not in current.split(","):
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [current, ENGINE_WARNINGS]))
+    add_ray_env(cfg, PYTHONWARNINGS=os.environ["PYTHONWARNINGS"])
+
+
 def setup_metrics_file(cfg: DictConfig) -> str:
     """Point verl's ``file`` logger at ``metrics_file`` (appended to on resume)."""
     path = abs_path(cfg.metrics_file)
@@ -138,7 +174,9 @@ def run(cfg: DictConfig) -> None:
     setup_paths(cfg)
     check_stages(cfg)
     prepare_data(cfg)
+    check_data_files(cfg)
     prepare_model(cfg)
+    quiet_engine_warnings(cfg)
     setup_device(cfg)
     metrics_path = setup_metrics_file(cfg)
     print(f"[recipe] run dir: {abs_path(cfg.trainer.default_local_dir)}  metrics: {metrics_path}", flush=True)
