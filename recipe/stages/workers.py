@@ -83,9 +83,44 @@ def preference_loss(config, model_output, data, dp_group=None, *, pref: Preferen
         num_pairs=max(num_pairs, 1),
         dp_size=int(data["dp_size"]) if "dp_size" in data.keys() else 1,
     )
-    out = Metric.from_dict(metrics, aggregation=AggregationType.MEAN)
+    return loss, micro_batch_metrics(metrics, loss, num_pairs=max(num_pairs, 1),
+                                     dp_size=int(data["dp_size"]) if "dp_size" in data.keys() else 1)
+
+
+#: Per-pair metrics of :func:`recipe.algos.preference.preference_microbatch_loss` (means over
+#: a micro-batch's pairs there).
+PAIR_METRICS = ("dpo/reward_margin", "dpo/reward_accuracy", "dpo/chosen_logps", "dpo/rejected_logps", "dpo/loss",
+                "lorr/sft_loss", "lorr/sft_weight")
+
+
+def micro_batch_metrics(metrics: dict[str, float], loss: torch.Tensor, num_pairs: int, dp_size: int) -> dict:
+    """verl ``Metric`` objects of one micro-batch whose aggregation is the mean over every
+    pair of the mini-batch, on any number of ranks.
+
+    verl aggregates a ``SUM`` metric as the sum over micro-batches of the mean over data-
+    parallel ranks, and requires every rank to report every key the same number of times.
+    So each per-pair metric is reported as this micro-batch's share, mean x pairs here /
+    ``num_pairs`` x ``dp_size`` (0 for a micro-batch of padding rows only): summed over
+    micro-batches and averaged over ranks it is the mean over all ``num_pairs`` pairs, even
+    when the ranks hold different numbers of real pairs (2 ranks, 3 pairs).
+
+    Args:
+        metrics: :func:`preference_microbatch_loss`'s metrics (per-pair means, and
+            ``dpo/pairs_in_micro_batch``).
+        loss: the micro-batch loss (reported as ``actor/pg_loss``, summed).
+        num_pairs: real pairs of the global mini-batch (>= 1).
+        dp_size: data-parallel ranks.
+
+    Returns:
+        ``{name: Metric}`` with the same keys for every micro-batch.
+    """
+    n = float(metrics.get("dpo/pairs_in_micro_batch", 0.0))
+    share = n / num_pairs * dp_size
+    out = {key: Metric(value=float(metrics.get(key, 0.0)) * share, aggregation=AggregationType.SUM)
+           for key in PAIR_METRICS}
+    out["dpo/pairs_in_micro_batch"] = Metric(value=n, aggregation=AggregationType.MEAN)
     out["actor/pg_loss"] = Metric(value=loss.detach().item(), aggregation=AggregationType.SUM)
-    return loss, out
+    return out
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -84,3 +84,18 @@ def test_lorr_reset_reuse_and_resume(artifacts):
     assert s3["dpo/fresh_rollouts"] == 0 and s2["dpo/fresh_rollouts"] == BATCH * 4
     assert s3["lorr/replay_index"] == 6 and s3["lorr/resets"] == 2
     assert math.isfinite(s3["dpo/loss"]) and s3["actor/grad_norm"] > 0
+
+
+def test_iterative_dpo_two_ranks(artifacts):
+    """2 FSDP ranks (gloo): the pairs of a step split unevenly over the ranks (e.g. 3 pairs)
+    yet every rank reports the same metric keys (verl's dp aggregation needs that), and the
+    reference sync works on each rank's shard: with the reference refreshed to the policy at
+    every step, every margin is exactly 0 at step 2 too (after step 1 moved the policy)."""
+    _, steps = _run(artifacts, "e2e_idpo_r2", 2, "recipe=iterative_dpo", "trainer.n_gpus_per_node=2")
+    for step in (1, 2):
+        m = steps[step]
+        assert 1 <= m["dpo/pairs"] <= BATCH
+        assert m["dpo/reference_refreshed"] == 1
+        assert abs(m["dpo/reward_margin"]) < 1e-4
+        assert m["dpo/loss"] == pytest.approx(math.log(2.0), abs=1e-4)
+        assert m["actor/grad_norm"] > 0

@@ -306,11 +306,12 @@ def test_preference_loss_dpo_by_hand_through_verl_unpadding():
     loss, metrics = preference_loss(None, {"log_probs": flat}, micro_batch(), pref=pref)
     assert loss.item() == pytest.approx((DPO_L0 + DPO_L1) / 4, rel=1e-6)  # / num_pairs of the mini-batch
     assert metrics["actor/pg_loss"].aggregate() == pytest.approx(loss.item())
-    assert metrics["dpo/loss"].aggregate() == pytest.approx((DPO_L0 + DPO_L1) / 2, rel=1e-6)
-    assert metrics["dpo/reward_margin"].aggregate() == pytest.approx(0.1 * (3.0 + 0.5) / 2, rel=1e-6)
-    assert metrics["dpo/reward_accuracy"].aggregate() == 1.0
-    assert metrics["dpo/chosen_logps"].aggregate() == pytest.approx(-2.0)  # (-2 + -2) / 2
-    assert metrics["dpo/rejected_logps"].aggregate() == pytest.approx(-2.75)  # (-4 + -1.5) / 2
+    # per-pair metrics: this micro-batch's share of the mean over the mini-batch's 4 pairs
+    assert metrics["dpo/loss"].aggregate() == pytest.approx((DPO_L0 + DPO_L1) / 4, rel=1e-6)
+    assert metrics["dpo/reward_margin"].aggregate() == pytest.approx(0.1 * (3.0 + 0.5) / 4, rel=1e-6)
+    assert metrics["dpo/reward_accuracy"].aggregate() == 0.5  # 2 of 4 pairs, both correct
+    assert metrics["dpo/chosen_logps"].aggregate() == pytest.approx(-1.0)  # (-2 + -2) / 4
+    assert metrics["dpo/rejected_logps"].aggregate() == pytest.approx(-1.375)  # (-4 + -1.5) / 4
     assert metrics["dpo/pairs_in_micro_batch"].aggregate() == 2.0
     loss.backward()
     # d loss / d log pi of a chosen token of pair 0: -beta * sigmoid(-beta * 3) / num_pairs
@@ -327,8 +328,35 @@ def test_preference_loss_sft_term_and_dp_size():
     # nll of the chosen responses (token means): 2/3 and 1; times lambda 0.5; times dp_size 2
     nll = (2.0 / 3.0, 1.0)
     assert loss.item() == pytest.approx((DPO_L0 + DPO_L1 + 0.5 * sum(nll)) / 4 * 2, rel=1e-6)
-    assert metrics["lorr/sft_loss"].aggregate() == pytest.approx(sum(nll) / 2, rel=1e-6)
-    assert metrics["lorr/sft_weight"].aggregate() == 0.5
+    # shares of the mean over 4 pairs, times dp_size 2 (verl averages over the 2 ranks)
+    assert metrics["lorr/sft_loss"].aggregate() == pytest.approx(sum(nll) / 4 * 2, rel=1e-6)
+    assert metrics["lorr/sft_weight"].aggregate() == pytest.approx(0.5 * 2 / 4 * 2)
+
+
+def test_micro_batch_metrics_aggregate_to_the_pair_mean_on_uneven_ranks():
+    """2 ranks, 3 pairs: rank 0 holds pairs with losses 1 and 2 in its two micro-batches,
+    rank 1 holds the pair with loss 6 and a micro-batch of padding only. verl's dp
+    aggregation (same key count on every rank, SUM = sum over micro-batches of the rank
+    mean) gives the mean over the 3 pairs, (1 + 2 + 6) / 3 = 3."""
+    from verl.utils.metric import Metric
+
+    from recipe.stages.workers import micro_batch_metrics
+
+    loss = torch.tensor(0.0)
+    ranks = [
+        [micro_batch_metrics({"dpo/loss": 1.0, "dpo/pairs_in_micro_batch": 1.0}, loss, 3, 2),
+         micro_batch_metrics({"dpo/loss": 2.0, "dpo/pairs_in_micro_batch": 1.0}, loss, 3, 2)],
+        [micro_batch_metrics({"dpo/loss": 6.0, "dpo/pairs_in_micro_batch": 1.0}, loss, 3, 2),
+         micro_batch_metrics({"dpo/pairs_in_micro_batch": 0.0}, loss, 3, 2)],  # padding only
+    ]
+    assert all(set(m) == set(ranks[0][0]) for r in ranks for m in r)
+    per_rank = []
+    for r in ranks:
+        metric = r[0]["dpo/loss"].init_list()
+        for m in r:
+            metric.append(m["dpo/loss"].values[0])
+        per_rank.append(metric)
+    assert Metric.aggregate_dp(per_rank) == pytest.approx(3.0)
 
 
 def test_preference_loss_simpo_needs_no_reference_and_missing_fields_named(monkeypatch):
