@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,14 +63,25 @@ def run_parity_steps(artifacts: Path, name: str, steps: int, *extra: str):
     return proc, {r["step"]: r["data"] for r in read_metrics(artifacts / "runs" / name / "metrics.jsonl")}
 
 
-def test_main_job_two_steps_then_resume(artifacts):
+#: A stage kept outside the package (tests/e2e/plugins/recipe_toy_stage.py): the main job
+#: also carries it, to show that a stage added without touching the trainer or the entry
+#: point runs, checkpoints and resumes (one run serves both checks).
+PLUGINS = Path(__file__).with_name("plugins")
+TOY_STAGE = ("stages.extra=[recipe_toy_stage]", "+toy_metric.enable=true", "+toy_metric.constant=2.5")
+
+
+def test_main_job_two_steps_then_resume(artifacts, monkeypatch):
     name = "e2e_main"
     run_dir = artifacts / "runs" / name
+    # on PYTHONPATH as a user's own module (verl installs a package named `tests` into
+    # site-packages, so `tests.e2e...` is not importable in Ray workers)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")])))
     common = (
         f"trainer.experiment_name={name}",
         "trainer.save_freq=2",
         "trainer.test_freq=2",
         "data.val_max_samples=8",
+        *TOY_STAGE,
     )
     proc = run_job(artifacts, "trainer.total_training_steps=2", *common)
     # verl's engine-availability warnings are filtered in the driver and every worker
@@ -98,6 +110,14 @@ def test_main_job_two_steps_then_resume(artifacts):
     assert val["val/gsm8k/avg@1"] == pytest.approx(val["val-core/gsm8k/acc/mean@1"])
     assert val["val/gsm8k/pass@1"] == pytest.approx(val["val/gsm8k/avg@1"])
 
+    # the toy stage's hooks ran at every step, beside the built-in ones
+    for step, r in enumerate(rows, start=1):
+        m = r["data"]
+        assert m["toy/step"] == step and m["toy/old_log_prob_calls"] == step and m["toy/constant"] == 2.5
+        assert m["toy/sampled_rows"] == 4 * 4  # data.train_batch_size x rollout.n of conf/device/cpu.yaml
+    state = torch.load(run_dir / "global_step_2" / "recipe_state.pt", weights_only=False)
+    assert state["stages"]["toy_metric"] == {"old_log_prob_calls": 2}
+
     # checkpoint written by verl
     assert (run_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     actor = run_dir / "global_step_2" / "actor"
@@ -110,6 +130,7 @@ def test_main_job_two_steps_then_resume(artifacts):
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert (run_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert rows[2]["data"]["toy/old_log_prob_calls"] == 3  # the toy stage's state was restored
 
 
 def test_real_qwen_tokenizer_one_step(artifacts):
