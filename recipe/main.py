@@ -9,8 +9,10 @@ then runs verl's own V1 trainer (``verl.trainer.main_ppo.run_ppo`` with verl's
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -160,6 +162,28 @@ def quiet_engine_warnings(cfg: DictConfig) -> None:
     add_ray_env(cfg, PYTHONWARNINGS=os.environ["PYTHONWARNINGS"])
 
 
+@contextlib.contextmanager
+def ray_cleanup():
+    """Leave no Ray process behind: SIGTERM / SIGHUP end the driver like Ctrl-C does (an
+    exception, so ``finally`` blocks run) and, however the run ends, ``ray.shutdown()``
+    stops the Ray processes this driver started (GCS, raylet, dashboard, workers and the
+    TransferQueue actors); on a cluster it did not start it only disconnects."""
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, _exit) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        import ray
+
+        if ray.is_initialized():
+            print("[recipe] shutting down Ray", flush=True)
+            ray.shutdown()
+
+
 def setup_metrics_file(cfg: DictConfig) -> str:
     """Point verl's ``file`` logger at ``metrics_file`` (appended to on resume)."""
     path = abs_path(cfg.metrics_file)
@@ -199,7 +223,8 @@ def run(cfg: DictConfig) -> None:
         raise ConfigError("trainer.use_v1=false: this project runs verl's V1 trainer only (see README, design)")
     from recipe.stages.trainer import RecipeTaskRunner
 
-    run_ppo(cfg, task_runner_class=RecipeTaskRunner)
+    with ray_cleanup():
+        run_ppo(cfg, task_runner_class=RecipeTaskRunner)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)

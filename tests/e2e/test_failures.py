@@ -20,3 +20,59 @@ def test_non_parquet_train_file_fails_fast(tmp_path):
     assert f"data.train_files: {bad}: not a readable parquet file" in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
     assert elapsed < 120, elapsed  # config, data preparation of the val set, the check; no Ray, no workers
+
+
+def _descendants(pid: int) -> set[int]:
+    import psutil
+
+    try:
+        return {p.pid for p in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def test_sigterm_leaves_no_ray_process(tmp_path):
+    """SIGTERM to a training driver (as Slurm or a shell sends it): the driver exits and
+    every Ray process it started (GCS, raylet, dashboard, workers, TransferQueue actors)
+    is gone within a bounded time."""
+    import signal
+
+    import psutil
+
+    proc = subprocess.Popen([str(ROOT / "run.sh"), "trainer.total_training_steps=50", "trainer.test_freq=-1",
+                             "trainer.save_freq=-1", "trainer.experiment_name=e2e_sigterm"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "RECIPE_ARTIFACTS": str(tmp_path / "a"), "PYTHONUNBUFFERED": "1"})
+    seen: set[int] = set()
+    deadline = time.time() + 400
+    lines = []
+    try:
+        for line in proc.stdout:  # wait until training steps run (Ray, workers, rollout server all up)
+            lines.append(line)
+            seen |= _descendants(proc.pid)
+            if "step:1 " in line or "training/global_step:1" in line:
+                break
+            assert time.time() < deadline, "".join(lines[-50:])
+        seen |= _descendants(proc.pid)
+        assert len(seen) >= 3, seen  # gcs_server, raylet, workers ...
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    gone_by = time.time() + 60
+    alive = seen
+    while time.time() < gone_by:
+        alive = {pid for pid in seen if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE}
+        if not alive:
+            break
+        time.sleep(1)
+    leftovers = []
+    for pid in alive:
+        try:
+            leftovers.append(" ".join(psutil.Process(pid).cmdline())[:120])
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert not leftovers, leftovers
+    assert proc.returncode != 0
