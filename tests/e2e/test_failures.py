@@ -34,7 +34,10 @@ def _descendants(pid: int) -> set[int]:
 def test_sigterm_leaves_no_ray_process(tmp_path):
     """SIGTERM to a training driver (as Slurm or a shell sends it): the driver exits and
     every Ray process it started (GCS, raylet, dashboard, workers, TransferQueue actors)
-    is gone within a bounded time."""
+    is gone within 60 s. (Measured: this also held with recipe.main's SIGTERM handler
+    removed, as Ray's daemons exit when their driver dies; the handler makes the driver's
+    own finally blocks and ray.shutdown() run. After kill -9 of the driver, two Ray agents
+    were still alive after 40 s and gone after 70 s.)"""
     import signal
 
     import psutil
