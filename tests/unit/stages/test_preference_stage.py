@@ -24,55 +24,12 @@ import verl.trainer.ppo.padding_utils as padding_utils
 from recipe.config import PreferenceConfig
 from recipe.stages.base import Handles, SampleContext
 from recipe.stages.preference import PreferenceStage
-from recipe.stages.rows import REUSED, SKIP_UPDATE, sample_dicts
-from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+from recipe.stages.rows import REUSED, SKIP_UPDATE
 
-P = "train"
+from tests.unit.stages.fakes import P, FakeTQ
 
 
 # ----------------------------------------------------------------------------- fakes
-class FakeTQ:
-    """In-memory TransferQueue: ``partition -> key -> {field: per-row value}`` plus tags."""
-
-    def __init__(self):
-        self.data: dict[str, dict[str, dict]] = {}
-        self.tags: dict[str, dict[str, dict]] = {}
-        self.cleared: list[list[str]] = []
-
-    def kv_batch_get(self, keys, partition_id, select_fields=None):
-        part = self.data[partition_id]
-        rows = [dict(part[k]) if select_fields is None else {f: part[k][f] for f in select_fields} for k in keys]
-        return list_of_dict_to_tensordict(rows)
-
-    def kv_batch_put(self, keys, partition_id, fields=None, tags=None):
-        part = self.data.setdefault(partition_id, {})
-        if fields is not None:
-            rows = sample_dicts(fields)
-            assert len(rows) == len(keys)
-            for k, row in zip(keys, rows):
-                part.setdefault(k, {}).update(row)
-        if tags is not None:
-            self.tags.setdefault(partition_id, {}).update({k: dict(t) for k, t in zip(keys, tags, strict=True)})
-        names = sorted({f for k in keys for f in part.get(k, {})})
-        return KVBatchMeta(partition_id=partition_id, keys=list(keys), tags=list(tags or [{} for _ in keys]),
-                           fields=names)
-
-    def kv_clear(self, keys, partition_id):
-        keys = [keys] if isinstance(keys, str) else list(keys)
-        self.cleared.append(keys)
-        for k in keys:
-            self.data.get(partition_id, {}).pop(k, None)
-            self.tags.get(partition_id, {}).pop(k, None)
-
-    # verl's part: clear the partition at the end of a step
-    def clear_partition(self, partition_id=P):
-        self.data.pop(partition_id, None)
-        self.tags.pop(partition_id, None)
-
-    def field(self, key, name, partition_id=P):
-        return self.data[partition_id][key][name]
-
-
 class FakeWG:
     """verl's actor worker group: records calls in ``events``; ``update_actor`` answers the
     next entry of ``pass_metrics`` (cycled) and notes the ``sft_weight`` it would train on."""

@@ -30,60 +30,12 @@ from recipe.config import ReplayConfig
 from recipe.stages.base import Handles, SampleContext, Stage, build_stages
 from recipe.stages.group_filter import GroupFilterSampler
 from recipe.stages.rollout_replay import RolloutReplayStage, prompt_key, state_fingerprint
-from recipe.stages.rows import REPLAYED, SKIP_UPDATE, sample_dicts
-from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+from recipe.stages.rows import REPLAYED, SKIP_UPDATE
 
-P = "train"
+from tests.unit.stages.fakes import P, FakeTQ
 
 
 # ----------------------------------------------------------------------------- fakes
-class FakeTQ:
-    """In-memory TransferQueue: ``partition -> key -> {field: per-sample value}``."""
-
-    def __init__(self):
-        self.data: dict[str, dict[str, dict]] = {}
-        self.tags: dict[str, dict[str, dict]] = {}
-        self.puts: list[tuple[list[str], list[str] | None]] = []
-
-    def kv_batch_get(self, keys, partition_id, select_fields=None):
-        part = self.data[partition_id]
-        rows = []
-        for k in keys:
-            row = part[k]
-            rows.append(dict(row) if select_fields is None else {f: row[f] for f in select_fields})
-        return list_of_dict_to_tensordict(rows)
-
-    def kv_batch_put(self, keys, partition_id, fields=None, tags=None):
-        part = self.data.setdefault(partition_id, {})
-        if fields is not None:
-            rows = sample_dicts(fields)
-            assert len(rows) == len(keys)
-            for k, row in zip(keys, rows):
-                part.setdefault(k, {}).update(row)
-        if tags is not None:
-            self.tags.setdefault(partition_id, {}).update({k: dict(t) for k, t in zip(keys, tags, strict=True)})
-        self.puts.append((list(keys), None if fields is None else sorted(fields.keys())))
-        return KVBatchMeta(partition_id=partition_id, keys=list(keys), tags=list(tags or [{} for _ in keys]))
-
-    def kv_clear(self, keys, partition_id):
-        for k in [keys] if isinstance(keys, str) else keys:
-            self.data.get(partition_id, {}).pop(k, None)
-            self.tags.get(partition_id, {}).pop(k, None)
-
-    # what the tests do in verl's place
-    def clear_partition(self, partition_id=P):
-        self.data.pop(partition_id, None)
-        self.tags.pop(partition_id, None)
-
-    def write(self, field, values: dict[str, list[float]], partition_id=P):
-        """A trainer stage writing ``field`` ([T_i] float32) for the given keys."""
-        for k, v in values.items():
-            self.data[partition_id][k][field] = torch.tensor(v, dtype=torch.float32)
-
-    def get(self, key, field, partition_id=P):
-        return self.data[partition_id][key][field]
-
-
 @pytest.fixture
 def fake_tq(monkeypatch):
     fake = FakeTQ()
