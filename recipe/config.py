@@ -592,6 +592,50 @@ def check_config(cfg) -> None:
         )
 
 
+def check_micro_batches(cfg) -> None:
+    """Micro-batches must tile each rank's share of a mini-batch (without dynamic batch sizes).
+
+    verl pads a step's batch to whole mini-batches (``ppo_mini_batch_size`` x
+    ``rollout.n`` rows) split over the ranks, then asserts that every rank's rows divide by
+    each micro-batch size, deep inside a worker. For example PPO (n = 1) on 2 CPU ranks
+    gets 4 x 1 / 2 = 2 rows per rank, which micro-batches of 4 cannot tile. Preference
+    recipes size their micro-batches per step (:mod:`recipe.stages.preference`) and are
+    skipped.
+
+    Raises:
+        ConfigError: naming the micro-batch key, its value and the rows per rank.
+    """
+    if load_node(cfg, "preference").enable:
+        return
+    aro, trainer = cfg.actor_rollout_ref, cfg.trainer
+    world = int(trainer.n_gpus_per_node) * int(trainer.get("nnodes", 1) or 1)
+    n = int(aro.rollout.n)
+    checks = []
+    if not aro.actor.get("use_dynamic_bsz", False):
+        rows = int(aro.actor.ppo_mini_batch_size) * n
+        keys = ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",
+                "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu"]
+        if aro.actor.get("use_kl_loss", False) or cfg.algorithm.get("use_kl_in_reward", False):
+            keys.append("actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu")
+        checks += [(key, "actor_rollout_ref.actor.ppo_mini_batch_size", rows) for key in keys]
+    critic = cfg.get("critic") or {}
+    if cfg.algorithm.adv_estimator == "gae" and not critic.get("use_dynamic_bsz", False):
+        checks.append(("critic.ppo_micro_batch_size_per_gpu", "critic.ppo_mini_batch_size",
+                       int(critic.ppo_mini_batch_size) * n))
+    from omegaconf import OmegaConf
+
+    for key, mini_key, rows in checks:
+        micro = OmegaConf.select(cfg, key)
+        if not micro or rows % world:
+            continue  # unset (verl's defaults) / verl's own check on the mini-batch split
+        per_rank = rows // world
+        if per_rank % int(micro):
+            raise ConfigError(
+                f"{key}={micro} must divide the rows one rank gets per mini-batch: {mini_key} x "
+                f"actor_rollout_ref.rollout.n / ranks (trainer.n_gpus_per_node x trainer.nnodes) = "
+                f"{rows} / {world} = {per_rank}; set it to a divisor of {per_rank}")
+
+
 def configure_replay(cfg) -> None:
     """Settings rollout replay needs from verl (``replay.enable``), each named on failure.
 
@@ -684,5 +728,6 @@ def check_all(cfg) -> None:
     for name in NODES:
         load_node(cfg, name)
     check_config(cfg)
+    check_micro_batches(cfg)
     configure_replay(cfg)
     configure_preference(cfg)
