@@ -382,16 +382,41 @@ class PreferenceStage(Stage):
         self.initial = state.get("initial")
         self.reuse_next = bool(state.get("reuse_next", False))
 
+    def mid_iteration(self, step: int) -> bool:
+        """Whether a checkpoint taken after ``step`` lies inside an iteration whose reference
+        is the policy of its start (``reference: iteration_start``, ``iteration_steps`` > 1):
+        step ``step + 1`` is then not an iteration start, so a resume must restore that
+        reference instead of refreshing it."""
+        return (self.pref.reference == "iteration_start" and self.pref.needs_reference
+                and self.pref.iteration_steps > 1 and step % self.pref.iteration_steps != 0)
+
     def save(self, h: Handles, folder: str) -> None:
-        """theta_0 of every rank beside the checkpoint (``lorr_theta0_rank{r}.pt``)."""
+        """theta_0 of every rank beside the checkpoint (``lorr_theta0_rank{r}.pt``) and, inside
+        an iteration, the reference model (``reference_rank{r}.pt``)."""
         if self.reset_on:
             h.worker_group.recipe_lorr_save(folder)
+        if self.mid_iteration(h.step):
+            h.worker_group.recipe_reference_save(folder)
 
     def load(self, h: Handles, folder: str) -> None:
-        """theta_0 of every rank from the checkpoint; prints what was restored."""
+        """theta_0 and, inside an iteration, the reference model of every rank from the
+        checkpoint; prints what was restored.
+
+        A checkpoint inside an iteration without the reference files (written before they
+        were saved) resumes with a warning: the reference is then the initial model until
+        the next iteration starts.
+        """
         fp = h.worker_group.recipe_lorr_load(folder) if self.reset_on else None
         print(f"[recipe] restored preference state: {self.replays} replay passes, {self.resets} resets, "
               f"initial pairs {'kept' if self.initial else 'none'}, theta_0 fingerprint {fp and fp[0]}", flush=True)
+        if self.mid_iteration(h.step):
+            ref = h.worker_group.recipe_reference_load(folder)
+            if ref is None or ref[0] is None:
+                logger.warning("%s: resuming inside an iteration (step %d, preference.iteration_steps=%d) but the "
+                               "checkpoint has no reference_rank*.pt: the reference is the initial model until the "
+                               "next iteration starts", folder, h.step, self.pref.iteration_steps)
+                return
+            print(f"[recipe] restored reference model of the iteration's start (fingerprint {ref[0]})", flush=True)
 
 
 def put_all(batch: KVBatchMeta, fields: dict[str, torch.Tensor]) -> None:

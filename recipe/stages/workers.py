@@ -41,6 +41,7 @@ from verl.workers.utils.padding import no_padding_2_padding
 #: Per-row fields the trainer writes for the preference loss (``[B]`` each).
 PAIR_FIELDS = ("pair_id", "is_chosen", "sft_weight", "num_pairs")
 THETA0_FILE = "lorr_theta0_rank{rank}.pt"
+REFERENCE_FILE = "reference_rank{rank}.pt"
 
 
 def preference_loss(config, model_output, data, dp_group=None, *, pref: PreferenceConfig):
@@ -133,7 +134,8 @@ def _local_named_parameters(module) -> list[tuple[str, torch.Tensor]]:
 
 
 def theta0_fingerprint(theta0: dict[str, torch.Tensor]) -> str:
-    """sha1 over the names and bytes of a theta_0 snapshot (equal on an exact restore)."""
+    """sha1 over the names and bytes of a snapshot of parameters (theta_0, the reference
+    model): equal on an exact restore."""
     h = hashlib.sha1()
     for name in sorted(theta0):
         h.update(name.encode())
@@ -191,6 +193,47 @@ class RecipeActorRolloutRefWorker(ActorRolloutRefWorker):
                                    f"({tuple(t.shape)} vs {tuple(src[name].shape)})")
             t.copy_(src[name])
         return len(dst)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    @torch.no_grad()
+    def recipe_reference_save(self, folder: str) -> str:
+        """Write this rank's shards of the reference model to ``folder/reference_rank{r}.pt``
+        (a checkpoint taken inside an iteration: the reference is then the policy of the
+        iteration's start, which no other file holds).
+
+        Returns:
+            The saved tensors' fingerprint.
+        """
+        state = {name: t.detach().cpu().clone() for name, t in _local_named_parameters(self.ref.engine.module)}
+        atomic_torch_save(state, os.path.join(folder, REFERENCE_FILE.format(rank=self._shard_rank())))
+        return theta0_fingerprint(state)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    @torch.no_grad()
+    def recipe_reference_load(self, folder: str) -> str | None:
+        """Copy ``folder/reference_rank{r}.pt`` (:meth:`recipe_reference_save`) into this rank's
+        reference shards.
+
+        Returns:
+            The fingerprint of the restored tensors, or None when the file is absent.
+
+        Raises:
+            RuntimeError: the file's parameters or shard shapes differ from the reference's.
+        """
+        path = os.path.join(folder, REFERENCE_FILE.format(rank=self._shard_rank()))
+        if not os.path.exists(path):
+            return None
+        state = torch.load(path, weights_only=True)
+        dst = _local_named_parameters(self.ref.engine.module)
+        if set(state) != {n for n, _ in dst}:
+            raise RuntimeError(f"{path}: parameters differ from the reference model's: "
+                               f"{sorted(set(state) ^ {n for n, _ in dst})[:5]}")
+        for name, t in dst:
+            if t.shape != state[name].shape:
+                raise RuntimeError(f"{path}: {name} has shape {tuple(state[name].shape)}, the reference's shard "
+                                   f"{tuple(t.shape)} (saved with another number of ranks?)")
+            t.copy_(state[name].to(t.dtype))
+        return theta0_fingerprint(state)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     @torch.no_grad()

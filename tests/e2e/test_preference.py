@@ -91,3 +91,27 @@ def test_lorr_reset_reuse_and_resume(artifacts):
     assert s3["lorr/replay_index"] == 6 and s3["lorr/resets"] == 2
     assert math.isfinite(s3["dpo/loss"]) and s3["actor/grad_norm"] > 0
 
+
+
+def test_resume_inside_an_iteration_restores_its_reference(artifacts):
+    """preference.iteration_steps=3: steps 4-6 are iteration 2, whose reference is the policy
+    after step 3. The checkpoint after step 4 lies inside it, so it keeps that reference
+    (reference_rank0.pt) and a resume restores it instead of the initial model."""
+    from recipe.stages.workers import theta0_fingerprint
+
+    name = "e2e_idpo_iter"
+    common = ("recipe=iterative_dpo", "preference.iteration_steps=3")
+    _, steps = _run(artifacts, name, 4, *common)
+    assert steps[1]["dpo/reference_refreshed"] == 1 and steps[4]["dpo/reference_refreshed"] == 1
+    assert "dpo/reference_refreshed" not in steps[2] and "dpo/reference_refreshed" not in steps[3]
+    run_dir = artifacts / "runs" / name
+    ref2 = torch.load(run_dir / "global_step_2" / "reference_rank0.pt", weights_only=True)  # iteration 1's start
+    ref4 = torch.load(run_dir / "global_step_4" / "reference_rank0.pt", weights_only=True)  # iteration 2's start
+    assert theta0_fingerprint(ref2) != theta0_fingerprint(ref4)  # the policy moved in steps 1-3
+
+    proc, steps = _run(artifacts, name, 5, *common)
+    restored = re.search(r"restored reference model of the iteration's start \(fingerprint ([0-9a-f]+)\)",
+                         proc.stdout)
+    assert restored, "the resumed run did not restore the reference"
+    assert restored.group(1) == theta0_fingerprint(ref4)
+    assert "dpo/reference_refreshed" not in steps[5]  # step 5 is inside iteration 2

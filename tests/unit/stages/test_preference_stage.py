@@ -83,6 +83,16 @@ class FakeWG:
         self.events.append(("load", folder))
         return ["beef", "beef"]
 
+    def recipe_reference_save(self, folder):
+        self.events.append(("save_ref", folder))
+        return ["cafe", "cafe"]
+
+    def recipe_reference_load(self, folder):
+        self.events.append(("load_ref", folder))
+        return [self.reference_file, self.reference_file]
+
+    reference_file = "cafe"  # fingerprint recipe_reference_load answers (None: no file)
+
 
 @pytest.fixture
 def fake_tq(monkeypatch):
@@ -541,3 +551,34 @@ def test_reset_delta_norm_over_ranks():
     wg = FakeWG(delta_norms=(1.0, 2.0, 2.0))
     assert stage.reset(wg) == {"lorr/reset_delta_norm": pytest.approx(3.0)}  # sqrt(1 + 4 + 4)
     assert stage.resets == 1 and math.isclose(stage.reset(FakeWG(delta_norms=(0.0,)))["lorr/reset_delta_norm"], 0.0)
+
+
+@pytest.mark.parametrize("k,saved_at", [(1, []), (2, [1, 3, 5]), (3, [1, 2, 4, 5])])
+def test_reference_saved_and_restored_inside_iterations(tmp_path, k, saved_at):
+    """With iteration_steps k, a checkpoint after step s lies inside an iteration when step
+    s + 1 is not an iteration start (1, 1 + k, ...), i.e. s % k != 0: the reference (the
+    policy of the iteration's start) is saved then, and restored on resume."""
+    stage = make_stage({"iteration_steps": k}, LORR_OFF)
+    folder = str(tmp_path)
+    got_save, got_load = [], []
+    for step in range(1, 6):
+        wg = FakeWG()
+        stage.save(Handles(config=stage.config, step=step, worker_group=wg), folder)
+        stage.load(Handles(config=stage.config, step=step, worker_group=wg), folder)
+        got_save += [step for e in wg.events if e[0] == "save_ref"]
+        got_load += [step for e in wg.events if e[0] == "load_ref"]
+    assert got_save == saved_at and got_load == saved_at
+
+
+def test_reference_not_saved_for_initial_reference_or_simpo(tmp_path):
+    for pref in ({"iteration_steps": 2, "reference": "initial"}, {"iteration_steps": 2, "loss": "simpo"}):
+        stage, wg = make_stage(pref, LORR_OFF), FakeWG()
+        stage.save(Handles(config=stage.config, step=1, worker_group=wg), str(tmp_path))
+        assert wg.events == []
+
+
+def test_reference_missing_in_an_old_checkpoint_warns(tmp_path, caplog):
+    stage, wg = make_stage({"iteration_steps": 2}, LORR_OFF), FakeWG()
+    wg.reference_file = None
+    stage.load(Handles(config=stage.config, step=3, worker_group=wg), str(tmp_path))
+    assert "no reference_rank*.pt" in caplog.text

@@ -146,6 +146,23 @@ def test_sync_reference_refuses_other_names_shapes_or_no_reference():
         make_worker(TRAINED, ref=None).recipe_sync_reference()
 
 
+def test_reference_save_load_restores_the_iteration_start_reference(tmp_path):
+    """A checkpoint inside an iteration keeps the reference (the policy of the iteration's
+    start); loading it into a reference that a fresh start made the initial model restores
+    it exactly, with the same fingerprint."""
+    w = make_worker(TRAINED, ref=TRAINED)
+    saved_fp = w.recipe_reference_save(str(tmp_path))
+    assert (tmp_path / "reference_rank0.pt").exists()
+    fresh = make_worker(THETA0, ref=THETA0)  # a resumed process: reference = the initial model
+    assert fresh.recipe_reference_load(str(tmp_path)) == saved_fp
+    for name, value in TRAINED.items():
+        assert torch.equal(params(fresh.ref.engine.module)[name], t(value)), name
+    assert make_worker(THETA0, ref=THETA0).recipe_reference_load(str(tmp_path / "absent")) is None
+    other = make_worker(THETA0, ref={**THETA0, DOWN1: [1.0, 2.0, 3.0, 4.0]})
+    with pytest.raises(RuntimeError, match=rf"{DOWN1} has shape \(3,\), the reference's shard \(4,\)"):
+        other.recipe_reference_load(str(tmp_path))
+
+
 # ----------------------------------------------------------------------------- LoRR snapshot / reset
 def test_snapshot_keeps_cpu_copies_of_matching_params():
     w = make_worker(THETA0)
