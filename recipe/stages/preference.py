@@ -337,8 +337,9 @@ class PreferenceStage(Stage):
         self.iterations += 1
         if self.reset_on and self.lorr.reset.unit == "iterations" and reset_due(self.iterations, self.lorr.reset.every):
             metrics.update(self.reset(wg))
-        for key in passes[0]:
-            vals = [p[key] for p in passes if isinstance(p.get(key), (int, float))]
+        for key in dict.fromkeys(k for p in passes for k in p):  # every pass's keys, first-seen order
+            vals = [float(p[key]) for p in passes
+                    if isinstance(p.get(key), (int, float, np.integer, np.floating)) and not isinstance(p[key], bool)]
             if vals:
                 metrics[key] = float(np.mean(vals))
         # the last pass's pair statistics (how far the passes moved the margin)

@@ -582,3 +582,23 @@ def test_reference_missing_in_an_old_checkpoint_warns(tmp_path, caplog):
     wg.reference_file = None
     stage.load(Handles(config=stage.config, step=3, worker_group=wg), str(tmp_path))
     assert "no reference_rank*.pt" in caplog.text
+
+
+def test_update_averages_numpy_numbers_and_keys_of_later_passes(fake_tq, monkeypatch):
+    """verl's reduce_metrics returns numpy numbers for some keys (e.g. max / min of ints) and
+    a pass may report a key the first did not: both are averaged over the passes that have it."""
+    import verl.utils.metric as verl_metric
+    from tensordict import TensorDict
+
+    stage = make_stage(lorr=lorr_cfg(reset=False))
+    batch = KVBatchMeta(partition_id=P, keys=["a_pair0chosen_0", "a_pair0rejected_0"], tags=[{}, {}])
+    fake_tq.kv_batch_put(batch.keys, P, fields=TensorDict({"x": torch.zeros(2)}, batch_size=2))
+    reduced = iter([{"dpo/loss": np.float32(0.5), "actor/n": np.int64(2)},
+                    {"dpo/loss": 0.7, "actor/n": np.int64(4), "dpo/late": 1.0},
+                    {"dpo/loss": 0.9, "actor/n": 6, "dpo/late": 3.0}])
+    monkeypatch.setattr(verl_metric, "reduce_metrics", lambda m: next(reduced))
+    metrics: dict = {}
+    stage.update(FakeWG(fake_tq), batch, metrics)
+    assert metrics["dpo/loss"] == pytest.approx(0.7)
+    assert metrics["actor/n"] == pytest.approx(4.0)
+    assert metrics["dpo/late"] == pytest.approx(2.0)
