@@ -2,12 +2,12 @@
 # Every recipe of conf/recipe/ for 2 steps on 2 FSDP ranks (CPU, gloo) with the e2e tests'
 # parity reward; prints one line per recipe: exit status, steps logged, seconds, first error.
 # Command: scripts/two_rank_sweep.sh [OUT_DIR] [EXTRA OVERRIDES...]   (~1 min per recipe on 2 cores)
+#          RECIPES="grpo ppo" scripts/two_rank_sweep.sh      (a subset)
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$(mkdir -p "${1:-$ROOT/artifacts/two_rank_sweep}" && cd "${1:-$ROOT/artifacts/two_rank_sweep}" && pwd)"
 shift || true
-for yaml in "$ROOT"/conf/recipe/*.yaml; do
-  r="$(basename "$yaml" .yaml)"
+for r in ${RECIPES:-$(cd "$ROOT/conf/recipe" && ls *.yaml | sed 's/\.yaml$//')}; do
   start=$(date +%s)
   RECIPE_ARTIFACTS="$OUT" "$ROOT/run.sh" "recipe=$r" trainer.n_gpus_per_node=2 "trainer.experiment_name=r2_$r" \
     trainer.total_training_steps=2 trainer.test_freq=-1 trainer.save_freq=-1 \
