@@ -13,7 +13,7 @@ for r in ${RECIPES:-$(cd "$ROOT/conf/recipe" && ls *.yaml | sed 's/\.yaml$//')};
     trainer.total_training_steps=2 trainer.test_freq=-1 trainer.save_freq=-1 \
     "reward.custom_reward_function.path=$ROOT/tests/e2e/parity_reward.py" "$@" > "$OUT/$r.log" 2>&1
   rc=$?
-  steps=$(wc -l < "$OUT/runs/r2_$r/metrics.jsonl" 2>/dev/null || echo 0)
+  steps=$(cat "$OUT/runs/r2_$r/metrics.jsonl" 2>/dev/null | wc -l)
   err=$(grep -m1 -E "\[recipe\] error:|[A-Za-z]+Error: " "$OUT/$r.log" | grep -v UserWarning | cut -c1-200)
   echo "$r rc=$rc steps=$steps secs=$(( $(date +%s) - start )) $err"
 done
