@@ -60,7 +60,7 @@ from omegaconf import open_dict
 import recipe.algos  # noqa: F401  (registers advantage estimators and policy losses)
 from recipe.algos.metrics import validation_metrics
 from recipe.io import atomic_torch_save
-from recipe.stages.base import Handles, build_stages
+from recipe.stages.base import Handles, Stage, build_stages
 from recipe.stages.rows import is_skipped
 from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
@@ -116,7 +116,7 @@ class RecipeTrainer(PPOTrainerSync):
         # the sampler (recipe.stages.group_filter) runs the stages' sample hooks
         if hasattr(self.replay_buffer, "stages"):
             self.replay_buffer.stages = list(self.stages)
-        elif any(type(s).sample is not type(s).__mro__[-2].sample for s in self.stages):
+        elif any(type(s).sample is not Stage.sample for s in self.stages):
             raise RuntimeError("stages with a sample hook need trainer.v1.sampler.custom_sampler = "
                                "recipe.stages.group_filter.GroupFilterSampler (conf/config.yaml sets it)")
 
@@ -258,8 +258,8 @@ class RecipeTrainer(PPOTrainerSync):
             return
         folder = self.config.trainer.resume_from_path if self.config.trainer.resume_mode == "resume_path" else None
         path = os.path.join(folder, STATE_FILE) if folder else self._state_path(self.global_steps)
-        stateful = [s.name for s in self.stages if s.state_dict()]
         if not os.path.exists(path):
+            stateful = [s.name for s in self.stages if s.state_dict()]
             if stateful:
                 logger.warning("resuming at step %d without %s: the state of %s starts empty",
                                self.global_steps, path, stateful)

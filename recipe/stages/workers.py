@@ -72,7 +72,8 @@ def preference_loss(config, model_output, data, dp_group=None, *, pref: Preferen
     if missing:
         raise ValueError(f"preference loss: the micro-batch lacks {missing} (written by recipe.stages.preference)")
     td = data.select(*fields).to_padded_tensor()
-    num_pairs = int(round(float(td["num_pairs"].reshape(-1)[0]))) if len(td) else 0
+    num_pairs = max(int(round(float(td["num_pairs"].reshape(-1)[0]))) if len(td) else 0, 1)
+    dp_size = int(data["dp_size"]) if "dp_size" in data.keys() else 1
     loss, metrics = preference_microbatch_loss(
         log_prob=log_prob,
         ref_log_prob=td["ref_log_prob"] if pref.needs_reference else None,
@@ -81,11 +82,10 @@ def preference_loss(config, model_output, data, dp_group=None, *, pref: Preferen
         is_chosen=td["is_chosen"].reshape(-1).bool(),
         sft_weight=td["sft_weight"].reshape(-1).float(),
         cfg=pref,
-        num_pairs=max(num_pairs, 1),
-        dp_size=int(data["dp_size"]) if "dp_size" in data.keys() else 1,
+        num_pairs=num_pairs,
+        dp_size=dp_size,
     )
-    return loss, micro_batch_metrics(metrics, loss, num_pairs=max(num_pairs, 1),
-                                     dp_size=int(data["dp_size"]) if "dp_size" in data.keys() else 1)
+    return loss, micro_batch_metrics(metrics, loss, num_pairs=num_pairs, dp_size=dp_size)
 
 
 #: Per-pair metrics of :func:`recipe.algos.preference.preference_microbatch_loss` (means over

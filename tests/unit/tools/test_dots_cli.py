@@ -13,17 +13,8 @@ import recipe.algos.dots as algos_dots
 import recipe.stages.dots as stage_dots
 from recipe import dots as cli
 from tests.paths import GSM8K_TRAIN, QWEN_TOK, require
-from tests.unit.algos.test_dots import _synthetic_rounds
+from tests.unit.algos.test_dots import _one_torch_thread, _synthetic_rounds  # noqa: F401  (autouse fixture)
 from tests.unit.stages.test_dots import TEXTS, _prompt_parquet
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: on a loaded 2-core machine, 2 OpenMP threads make training ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
