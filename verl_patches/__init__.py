@@ -8,7 +8,9 @@ the entry-point module :mod:`verl_patches.plugin` calls :func:`load`, which logs
 
 Always applied (cheap, harmless on GPU):
     - ``rollout``: registers the ``hf`` rollout backend (:mod:`verl_patches.hf_rollout`);
-    - ``tracking``: verl's JSONL metrics logger appends on resume instead of truncating.
+    - ``tracking``: verl's JSONL metrics logger appends on resume instead of truncating;
+    - ``seeding``: every rollout response gets its own sampling seed
+      (:mod:`verl_patches.seeding`).
 
 Applied only in CPU mode (``VERL_PLATFORM=cpu``, set by ``device=cpu`` / ``run.sh``):
     - ``platform``: a ``cpu`` platform in verl's platform registry;
@@ -75,10 +77,11 @@ def apply(cpu: bool | None = None) -> dict:
     check_verl_version()
     from . import hf_rollout
 
-    from . import tracking
+    from . import seeding, tracking
 
     hf_rollout.register()
     tracking.apply()
+    seeding.apply()
     _STATUS["rollout"] = True
     if cpu if cpu is not None else cpu_mode():
         from . import distributed, fsdp, platform, valuehead

@@ -20,7 +20,18 @@ token-in/token-out protocol:
 Sampling parameters honoured: ``temperature`` (0 = greedy), ``top_p``, ``top_k`` (-1 =
 off), ``max_tokens`` / ``max_new_tokens`` (default ``rollout.response_length``, capped by
 ``prompt_length + response_length - len(prompt)``), ``repetition_penalty``,
-``logprobs``, ``ignore_eos``; ``n`` arrives as n separate requests (verl's agent loop).
+``logprobs``, ``ignore_eos``, ``seed``; ``n`` arrives as n separate requests (verl's agent
+loop).
+
+Seeded sampling (``seed``, set per response by :mod:`verl_patches.seeding`): each row of a
+batch draws its tokens from its own ``torch.Generator`` seeded with the request's seed, by
+the Gumbel-max trick on the temperature / top-k / top-p processed logits (argmax of
+``logits + Gumbel noise`` is a draw from their softmax). A response's random numbers
+therefore depend only on its seed, not on which requests share its batch or in what order
+they arrived; the logits themselves may differ between batch compositions in the last
+float32 bits (left padding changes the matmul shapes), which can flip a draw only at a
+near-tie. Requests without a seed get one from the server's generator (seeded by
+``rollout.seed + replica``).
 
 Log-prob semantics: log-softmax of the logits divided by the sampling temperature
 (temperature 1 when greedy), before top-k / top-p masking. This is what verl's actor
@@ -64,6 +75,25 @@ class _LogProbRecorder:
         return scores
 
 
+class _GumbelNoise:
+    """Logits processor (last in the list, after the temperature / top-k / top-p warpers)
+    adding per-row Gumbel(0, 1) noise from each row's own generator: greedy decoding of the
+    result samples from ``softmax(scores)`` row by row (the Gumbel-max trick).
+
+    Args:
+        seeds: One seed per row (``[B]`` ints in ``[0, 2**64)``).
+    """
+
+    def __init__(self, seeds: list[int]):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        vocab = scores.shape[-1]
+        u = torch.stack([torch.rand(vocab, generator=g, dtype=torch.float64) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))
+        return scores.double() + gumbel.to(scores.device)  # float64: no ties from rounding
+
+
 class _LogProbGatherer:
     """Stopping criterion (called after each new token is appended) that gathers the
     chosen token's log-prob from the recorder; never stops generation itself."""
@@ -90,7 +120,8 @@ class _Request:
 
 
 def _sampling_key(params: dict[str, Any]) -> tuple:
-    """Requests sharing this key can be generated in one ``generate`` call."""
+    """Requests sharing this key can be generated in one ``generate`` call (the seed is
+    per row, not part of the key)."""
     return (
         float(params["temperature"]),
         float(params["top_p"]),
@@ -121,7 +152,7 @@ def normalize_sampling_params(
 
     Returns:
         A dict with ``temperature``, ``top_p``, ``top_k``, ``max_tokens``,
-        ``repetition_penalty``, ``ignore_eos`` and ``logprobs``.
+        ``repetition_penalty``, ``ignore_eos``, ``logprobs`` and ``seed`` (int or None).
 
     Raises:
         ValueError: if the prompt leaves no room for a single new token, or a value is
@@ -150,6 +181,9 @@ def normalize_sampling_params(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    seed = p.get("seed")
+    if seed is not None and not 0 <= int(seed) < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     return {
         "temperature": temperature,
         "top_p": top_p,
@@ -158,6 +192,7 @@ def normalize_sampling_params(
         "repetition_penalty": float(p.get("repetition_penalty", 1.0) or 1.0),
         "ignore_eos": bool(p.get("ignore_eos", False)),
         "logprobs": bool(p.get("logprobs", False)),
+        "seed": None if seed is None else int(seed),
     }
 
 
@@ -177,13 +212,16 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate_batch(
-        self, prompts: list[list[int]], params: dict[str, Any]
+        self, prompts: list[list[int]], params: dict[str, Any], seeds: Optional[list[int]] = None
     ) -> list[tuple[list[int], list[float], str]]:
         """Generate one response per prompt with shared sampling parameters.
 
         Args:
             prompts: ``B`` lists of prompt token ids (unpadded, any lengths).
             params: Output of :func:`normalize_sampling_params` (shared by the batch).
+            seeds: ``B`` per-row seeds: row ``i`` samples with its own generator seeded
+                ``seeds[i]`` (Gumbel-max, see the module doc). None: HF's sampling from
+                torch's global generator (results depend on the batch).
 
         Returns:
             ``B`` tuples ``(response_ids, log_probs, finish_reason)``: response token ids
@@ -206,22 +244,35 @@ class HFGenerator:
                 input_ids[i, : width - len(ids)] = ids[0]
 
         greedy = params["temperature"] <= 0
+        seeded = not greedy and seeds is not None
+        if seeded and len(seeds) != batch:
+            raise ValueError(f"{len(seeds)} seeds for {batch} prompts")
         recorder = _LogProbRecorder(params["temperature"])
         gatherer = _LogProbGatherer(recorder)
+        processors: list = [recorder]
+        if seeded:  # HF's warpers run only when sampling: apply them here, then the row-wise noise
+            from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+            processors.append(TemperatureLogitsWarper(params["temperature"]))
+            if params["top_k"] > 0:
+                processors.append(TopKLogitsWarper(params["top_k"]))
+            if params["top_p"] < 1.0:
+                processors.append(TopPLogitsWarper(params["top_p"]))
+            processors.append(_GumbelNoise(seeds))
         gen_kwargs: dict[str, Any] = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
             max_new_tokens=params["max_tokens"],
-            do_sample=not greedy,
+            do_sample=not greedy and not seeded,
             pad_token_id=self.pad_token_id,
             eos_token_id=None if params["ignore_eos"] else self.eos_token_ids,
-            logits_processor=LogitsProcessorList([recorder]),
+            logits_processor=LogitsProcessorList(processors),
             stopping_criteria=StoppingCriteriaList([gatherer]),
             use_cache=True,
             repetition_penalty=params["repetition_penalty"],
             return_dict_in_generate=False,
         )
-        if greedy:
+        if greedy or seeded:
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
         else:
             gen_kwargs.update(
@@ -282,6 +333,8 @@ class HFRolloutServer:
         dtype = getattr(torch, str(hf_kwargs.get("dtype", "float32")))
         self.max_batch = max(1, int(config.max_num_seqs))
         torch.manual_seed(int(config.seed) + replica_rank)
+        #: seeds for requests that bring none (verl_patches.seeding gives every response one)
+        self._seed_source = torch.Generator().manual_seed(int(config.seed) + replica_rank)
 
         path = model_config.local_path
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
@@ -356,7 +409,9 @@ class HFRolloutServer:
             self._pending = [r for r in self._pending if id(r) not in taken]
             start = time.monotonic()
             try:
-                results = await asyncio.to_thread(self._generate_locked, [r.prompt_ids for r in group], group[0].params)
+                seeds = [r.params["seed"] if r.params["seed"] is not None else self._draw_seed() for r in group]
+                results = await asyncio.to_thread(self._generate_locked, [r.prompt_ids for r in group],
+                                                  group[0].params, seeds)
             except Exception as e:  # deliver the error to every waiting request
                 for r in group:
                     if not r.future.done():
@@ -370,9 +425,12 @@ class HFRolloutServer:
                 if not r.future.done():
                     r.future.set_result(res)
 
-    def _generate_locked(self, prompts, params):
+    def _draw_seed(self) -> int:
+        return int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
+
+    def _generate_locked(self, prompts, params, seeds=None):
         with self._weights_lock:
-            return self.generator.generate_batch(prompts, params)
+            return self.generator.generate_batch(prompts, params, seeds)
 
     def update_weights(self, state_dict: dict[str, torch.Tensor], global_steps: Optional[int] = None) -> int:
         """Load full (gathered) weights sent by the training worker.

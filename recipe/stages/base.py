@@ -67,6 +67,10 @@ class Handles:
         dataset: verl's training dataset (``RLHFDataset``).
         agent_loop_manager: verl's agent-loop manager (rollouts through the rollout servers).
         tokenizer: the policy's tokenizer.
+        new_uids: ``new_uids(n, kind)`` -> the step's next ``n`` deterministic group ids of
+            ``kind`` (``"t"`` training, ``"r"`` reference rollouts; see
+            :func:`recipe.stages.rows.make_uids`); None outside the trainer (then stages
+            fall back to random uuids).
     """
 
     config: Any
@@ -75,6 +79,7 @@ class Handles:
     dataset: Any = None
     agent_loop_manager: Any = None
     tokenizer: Any = None
+    new_uids: Any = None
 
 
 @dataclass

@@ -55,7 +55,7 @@ from recipe.algos.dots import DotsSelector, adaptive_difficulty, load_adapter, p
 from recipe.config import DotsConfig
 from recipe.io import atomic_write
 from recipe.stages.base import Handles, Stage, register_stage
-from recipe.stages.rows import response_metric, uid_of
+from recipe.stages.rows import key_order, response_metric, uid_of
 
 logger = logging.getLogger(__name__)
 
@@ -416,14 +416,15 @@ class DotsStage(Stage):
         self.last_round_step = int(state["last_round_step"])
 
 
-def collate_rows(dataset, indices: list[int]):
-    """Rows ``indices`` of the training set, collated and tagged with fresh uids as verl's
-    ``_fetch_one_gen_batch`` does."""
+def collate_rows(dataset, indices: list[int], uids: list[str] | None = None):
+    """Rows ``indices`` of the training set, collated and tagged with ``uids`` (default:
+    fresh random uuids, as verl's ``_fetch_one_gen_batch`` does)."""
     from verl.utils import tensordict_utils as tu
     from verl.utils.dataset.rl_dataset import collate_fn
 
     batch_dict = collate_fn([dataset[i] for i in indices])
-    batch_dict["uid"] = np.array([str(uuid.uuid4()) for _ in indices], dtype=object)
+    uids = uids if uids is not None else [str(uuid.uuid4()) for _ in indices]
+    batch_dict["uid"] = np.array(list(uids), dtype=object)
     return tu.get_tensordict(batch_dict)
 
 
@@ -446,7 +447,7 @@ def rollout_accuracy(h: Handles, indices: list[int], n: int, metric: str = "acc"
     import transfer_queue as tq
     from verl.utils import tensordict_utils as tu
 
-    batch = collate_rows(h.dataset, indices)
+    batch = collate_rows(h.dataset, indices, h.new_uids(len(indices), "r") if h.new_uids else None)
     uids = list(batch["uid"])
     tu.assign_non_tensor_data(batch, "global_steps", h.step)
     from tensordict import NonTensorStack
@@ -465,7 +466,8 @@ def rollout_accuracy(h: Handles, indices: list[int], n: int, metric: str = "acc"
         if timeout_s is not None and time.time() - start > timeout_s:
             raise TimeoutError(f"DOTS reference rollouts: {len(wanted - done)} of {len(wanted)} groups unfinished")
         time.sleep(poll_interval)
-    traj = [k for k in listing if not listing[k].get("is_prompt", False) and uid_of(k) in wanted]
+    traj = sorted((k for k in listing if not listing[k].get("is_prompt", False) and uid_of(k) in wanted),
+                  key=key_order)
     accs: dict[str, list[float]] = {u: [] for u in uids}
     if traj:
         data = tq.kv_batch_get(keys=traj, partition_id="train", select_fields=["extra_fields"])

@@ -43,7 +43,7 @@ from transfer_queue import KVBatchMeta
 from recipe.algos.group_filter import GroupDecision, decide_groups, filter_metrics, group_accuracy
 from recipe.config import GroupFilterConfig
 from recipe.stages.base import SampleContext
-from recipe.stages.rows import mark_skipped, response_metric, uid_of
+from recipe.stages.rows import key_order, mark_skipped, response_metric, uid_of, uid_order
 from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,26 @@ class GroupFilterSampler(ReplayBuffer):
             batch = stage.sample(ctx, batch, metrics)
         return batch, metrics
 
+    # ------------------------------------------------------------------ deterministic order
+    def _select_prompt_uids(self, partition_id: str, sampleable_keys: set[str], batch_size: int):
+        """verl's selection (oldest step first) with ties broken by uid
+        (:func:`recipe.stages.rows.uid_order`), not by set iteration order."""
+        steps = dict(self.prompt_global_steps[partition_id])
+        snapshot = dict(self.partitions[partition_id])
+        ordered = sorted(sampleable_keys, key=lambda key: (steps.get(key, 0), uid_order(key)))
+        return ordered[:batch_size], snapshot, steps
+
+    def _materialize_batch(self, partition_id: str, selected_prompt_uids, partition_snapshot) -> KVBatchMeta:
+        """verl's batch, its rows ordered by their prompt's step, then by key
+        (:func:`recipe.stages.rows.key_order`) instead of by arrival: micro-batches and sums
+        are then the same in every run."""
+        steps = dict(self.prompt_global_steps[partition_id])  # read before verl clears the prompts
+        batch = super()._materialize_batch(partition_id, selected_prompt_uids, partition_snapshot)
+        order = sorted(range(len(batch.keys)),
+                       key=lambda i: (steps.get(uid_of(batch.keys[i]), 0), key_order(batch.keys[i])))
+        return KVBatchMeta(partition_id=partition_id, keys=[batch.keys[i] for i in order],
+                           tags=[batch.tags[i] for i in order])
+
     def _forget(self, partition_id: str, keys) -> None:
         """Drop rows a stage removed from TransferQueue from this sampler's bookkeeping."""
         for key in keys:
@@ -156,7 +176,8 @@ class GroupFilterSampler(ReplayBuffer):
             if new:
                 group_acc = self._group_accuracy(partition_id, new)
                 steps = self.prompt_global_steps[partition_id]
-                decision = decide_groups(dict(sorted(group_acc.items(), key=lambda kv: steps.get(kv[0], 0))), cfg)
+                ordered = sorted(group_acc.items(), key=lambda kv: (steps.get(kv[0], 0), uid_order(kv[0])))
+                decision = decide_groups(dict(ordered), cfg)
                 totals.dropped_all_correct.extend(decision.dropped_all_correct)
                 totals.dropped_all_wrong.extend(decision.dropped_all_wrong)
                 totals.dropped_band.extend(decision.dropped_band)

@@ -5,10 +5,16 @@ verl's agent loop writes each response under the key ``{uid}_{session}_{index}``
 TransferQueue (``uid`` = the prompt's group id; one key per response) and tags each row
 with a dict (``is_padding`` marks the copies verl's balancing adds). Tags survive verl's
 re-batching inside a step, so stages mark rows through them.
+
+Group ids are deterministic (:func:`make_uids`: ``<kind><step>-<k>``, e.g. ``t3-12`` for the
+13th training prompt submitted at step 3) instead of verl's random ``uuid4``: a response's
+sampling seed derives from its uid (:mod:`verl_patches.seeding`), and rows are ordered by
+:func:`key_order` rather than by arrival, so the same seed gives the same run.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -27,6 +33,44 @@ PADDING = "is_padding"
 def uid_of(key: str) -> str:
     """The group id (``uid``) of a TransferQueue row key ``{uid}_{session}_{index}``."""
     return key.split("_", 1)[0]
+
+
+#: Kinds of deterministic uids: training prompts, DOTS reference rollouts, validation.
+UID_KINDS = ("t", "r", "v")
+_UID = re.compile(r"([a-z])(\d+)-(\d+)")
+
+
+def make_uids(kind: str, step: int, start: int, n: int) -> list[str]:
+    """``n`` group ids ``<kind><step>-<k>`` for ``k`` in ``[start, start + n)``.
+
+    Args:
+        kind: One of :data:`UID_KINDS` (``t`` training, ``r`` DOTS reference, ``v`` validation).
+        step: The global step the prompts are submitted at.
+        start: Prompts of this kind already submitted at this step.
+        n: How many ids.
+
+    Raises:
+        ValueError: an unknown kind, or a negative step / start / n.
+    """
+    if kind not in UID_KINDS:
+        raise ValueError(f"uid kind must be one of {UID_KINDS}, got {kind!r}")
+    if min(step, start, n) < 0:
+        raise ValueError(f"step, start and n must be >= 0, got {step}, {start}, {n}")
+    return [f"{kind}{step}-{k}" for k in range(start, start + n)]
+
+
+def uid_order(uid: str) -> tuple:
+    """Sort key of a group id: ``make_uids`` ids by (kind, step, k), others after, by text."""
+    m = _UID.fullmatch(uid)
+    return (0, m.group(1), int(m.group(2)), int(m.group(3))) if m else (1, uid)
+
+
+def key_order(key: str) -> tuple:
+    """Sort key of a row key ``{uid}_{session}_{index}``: by group (:func:`uid_order`), then
+    session and index (numerically when they are numbers)."""
+    uid, _, rest = key.partition("_")
+    parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in rest.split("_")) if rest else ()
+    return (uid_order(uid), parts)
 
 
 def is_padding(tag: dict) -> bool:

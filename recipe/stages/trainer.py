@@ -38,6 +38,12 @@ stage.state_dict()}}``, written (atomically) before verl's own checkpoint so tha
 the layout before stages (top-level ``replay`` / ``dots`` / ``preference`` keys) are read
 too (:func:`stage_states`).
 
+Same seed, same run: group ids are deterministic (``t<step>-<k>`` for training prompts,
+``r<step>-<k>`` for DOTS reference rollouts, ``v<step>-<k>`` for validation;
+:func:`recipe.stages.rows.make_uids`) instead of verl's ``uuid4``, so each response's
+sampling seed (:mod:`verl_patches.seeding`, derived from the uid) is the same in every run
+with the same ``seed``; the sampler orders rows by key, not by arrival.
+
 Importing this module also imports :mod:`recipe.algos`, registering this project's
 advantage estimators in the trainer process (policy losses are registered in the workers
 through ``actor_rollout_ref.model.external_lib: recipe.algos``).
@@ -48,10 +54,12 @@ the registration happens in the Ray process that builds the trainer.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
 import os
+from types import SimpleNamespace
 
 import ray
 import torch
@@ -61,8 +69,9 @@ import recipe.algos  # noqa: F401  (registers advantage estimators and policy lo
 from recipe.algos.metrics import validation_metrics
 from recipe.io import atomic_torch_save
 from recipe.stages.base import Handles, Stage, build_stages
-from recipe.stages.rows import is_skipped
+from recipe.stages.rows import is_skipped, make_uids
 from verl.trainer.main_ppo import TaskRunnerV1
+from verl.trainer.ppo.v1 import trainer_base
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
@@ -100,6 +109,18 @@ def stage_states(state: dict) -> dict[str, dict]:
     return {new: state[old] for old, new in LEGACY_STATE_KEYS.items() if state.get(old)}
 
 
+@contextlib.contextmanager
+def uuid4_from(new_uid):
+    """Inside the block, verl's V1 trainer module draws ``uuid.uuid4()`` from ``new_uid()``
+    (verl's ``_validate`` names its prompts with ``str(uuid.uuid4())`` inline)."""
+    original = trainer_base.uuid
+    trainer_base.uuid = SimpleNamespace(uuid4=new_uid)
+    try:
+        yield
+    finally:
+        trainer_base.uuid = original
+
+
 def _load_class(path: str):
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -112,6 +133,7 @@ class RecipeTrainer(PPOTrainerSync):
         with open_dict(config):
             config.trainer.v1.trainer_mode = "sync"
         self.stages = build_stages(config)
+        self._uids_issued: dict[tuple[str, int], int] = {}
         super().__init__(config)
         # the sampler (recipe.stages.group_filter) runs the stages' sample hooks
         if hasattr(self.replay_buffer, "stages"):
@@ -126,7 +148,15 @@ class RecipeTrainer(PPOTrainerSync):
                        worker_group=getattr(self, "actor_rollout_wg", None),
                        dataset=getattr(self, "train_dataset", None),
                        agent_loop_manager=getattr(self, "agent_loop_manager", None),
-                       tokenizer=getattr(self, "tokenizer", None))
+                       tokenizer=getattr(self, "tokenizer", None), new_uids=self.new_uids)
+
+    def new_uids(self, n: int, kind: str = "t") -> list[str]:
+        """The next ``n`` group ids of ``kind`` at this step (:func:`recipe.stages.rows.make_uids`)."""
+        step = int(getattr(self, "global_steps", 0))
+        start = self._uids_issued.get((kind, step), 0)
+        self._uids_issued = {k: v for k, v in self._uids_issued.items() if k[1] >= step}
+        self._uids_issued[(kind, step)] = start + n
+        return make_uids(kind, step, start, n)
 
     def _init_resource_pool_mgr(self):
         """verl's worker mapping; an enabled stage's ``worker_class`` replaces verl's actor /
@@ -160,14 +190,22 @@ class RecipeTrainer(PPOTrainerSync):
         return metrics
 
     def _fetch_one_gen_batch(self):
-        """The next chunk of prompts: a stage's ``next_prompts`` or verl's dataloader."""
+        """The next chunk of prompts: a stage's ``next_prompts`` or verl's dataloader, named
+        with deterministic uids."""
+        from verl.utils import tensordict_utils as tu
+
         size = self.config.data.get("gen_batch_size", None) or self.config.data.train_batch_size
         h = self.handles()
-        for stage in self.stages:
-            batch = stage.next_prompts(h, size)
-            if batch is not None:
-                return batch
-        return super()._fetch_one_gen_batch()
+        batch = next((b for b in (stage.next_prompts(h, size) for stage in self.stages) if b is not None), None)
+        if batch is None:
+            batch = super()._fetch_one_gen_batch()
+        tu.assign_non_tensor_stack(batch, "uid", self.new_uids(len(batch)))
+        return batch
+
+    def _validate(self):
+        """verl's validation, its prompts named ``v<step>-<k>`` (seeded responses)."""
+        with uuid4_from(lambda: self.new_uids(1, "v")[0]):
+            return super()._validate()
 
     # ------------------------------------------------------------------ step stages
     def _balance_batch(self, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
@@ -290,7 +328,24 @@ if TRAINER_MODE not in TRAINER_REGISTRY:
 
 
 class _RecipeTaskRunner(TaskRunnerV1.__ray_actor_class__):
-    """verl's V1 task runner; importing this module registered :class:`RecipeTrainer`."""
+    """verl's V1 task runner; importing this module registered :class:`RecipeTrainer`.
+
+    verl's ``run`` pprints the whole resolved config (~1,000 lines) before it builds the
+    trainer; here that call prints nothing (``recipe.main`` writes the config to
+    ``config.yaml`` and prints it only with ``log.config_dump=true``). ``run`` looks
+    ``pprint`` up in ``verl.trainer.main_ppo`` at call time, and that dump is the module's
+    only use of it, so it is silenced for the duration of ``run`` and put back after.
+    """
+
+    def run(self, config):
+        from verl.trainer import main_ppo
+
+        verl_pprint = main_ppo.pprint
+        main_ppo.pprint = lambda *args, **kwargs: None
+        try:
+            return super().run(config)
+        finally:
+            main_ppo.pprint = verl_pprint
 
 
 RecipeTaskRunner = ray.remote(_RecipeTaskRunner)

@@ -405,7 +405,6 @@ def test_grpo_recipe_is_verls_own_estimator():
     """recipe=grpo must be stock verl: importing recipe.algos leaves verl's 'grpo' untouched."""
     from omegaconf import OmegaConf
 
-    import recipe.algos  # noqa: F401
     from verl.trainer.ppo import core_algos
 
     assert core_algos.get_adv_estimator_fn("grpo") is core_algos.compute_grpo_outcome_advantage

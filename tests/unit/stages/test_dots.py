@@ -455,9 +455,9 @@ def rollout_env(monkeypatch):
         monkeypatch.setattr(transfer_queue, name, getattr(fake, name))
     uids = iter(f"uid{i}" for i in range(1000))
 
-    def collate_rows(dataset, indices):  # verl's collation, reduced to the index and fresh uids
+    def collate_rows(dataset, indices, given=None):  # verl's collation, reduced to the index and the uids
         return tu.get_tensordict({"index": torch.tensor(indices),
-                                  "uid": np.array([next(uids) for _ in indices], dtype=object)})
+                                  "uid": np.array(given or [next(uids) for _ in indices], dtype=object)})
 
     monkeypatch.setattr(sd, "collate_rows", collate_rows)
     return fake
@@ -475,6 +475,17 @@ def test_rollout_accuracy_through_the_agent_loop(rollout_env):
     assert tags == [{"is_prompt": True, "status": "pending", "global_steps": 6}] * 3
     assert rollout_env.tags == {}  # prompts and rows cleared: the partition is empty between steps
     assert len(rollout_env.cleared) == 3 + 8
+
+
+def test_rollout_accuracy_names_reference_prompts_deterministically(rollout_env):
+    from recipe.stages.rows import make_uids
+
+    loop = FakeAgentLoop(rollout_env, correct={3: 1, 5: 4})
+    h = Handles(config=TRAINER_CONFIG, step=6, dataset=FakeDataset(), agent_loop_manager=loop,
+                new_uids=lambda n, kind: make_uids(kind, 6, 0, n))
+    assert sd.rollout_accuracy(h, [5, 3], n=4, poll_interval=0.0) == [[1.0] * 4, [1.0, 0.0, 0.0, 0.0]]
+    (batch,) = loop.batches
+    assert list(batch["uid"]) == ["r6-0", "r6-1"]
 
 
 def test_rollout_accuracy_errors(rollout_env):

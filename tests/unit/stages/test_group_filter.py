@@ -193,7 +193,7 @@ def test_drop_mode_keeps_mixed_groups_and_clears_the_dropped(fake_tq):
     fake_tq.add_group("m2", [0, 1], step=0)  # older: comes first
     s = make_sampler(DROP_UNIFORM)
     batch, metrics = s.filter_sample(1, P, 4)
-    assert batch.keys == ["m1_0_0", "m1_0_1", "m2_0_0", "m2_0_1"]  # TransferQueue's row order
+    assert batch.keys == ["m2_0_0", "m2_0_1", "m1_0_0", "m1_0_1"]  # older prompt first, then by key
     assert metrics == {"filter/kept_groups": 2, "filter/dropped_all_correct": 1, "filter/dropped_all_wrong": 1,
                        "filter/dropped_band": 0, "filter/gen_rounds": 1, "filter/discarded_surplus": 0,
                        "filter/gave_up": 0, "filter/skipped_update": 0}
@@ -201,6 +201,17 @@ def test_drop_mode_keeps_mixed_groups_and_clears_the_dropped(fake_tq):
     # the dropped groups left TransferQueue (prompt and rows); the kept ones keep their rows
     assert fake_tq.rows("c") == fake_tq.rows("w") == [] and "c" not in fake_tq.tags[P]
     assert fake_tq.rows("m1") == ["m1_0_0", "m1_0_1"] and "m1" not in fake_tq.tags[P]  # prompt consumed
+
+
+@pytest.mark.parametrize("arrival", [[0, 1, 2, 3], [3, 1, 0, 2]])
+def test_row_order_is_by_step_and_key_not_arrival(fake_tq, arrival):
+    """Deterministic uids (make_uids) sort numerically: t1-10 after t1-2; sessions too."""
+    groups = [("t1-10", [1, 0]), ("t1-2", [0, 1]), ("t0-7", [1, 0]), ("t1-3", [1, 1])]
+    for i in arrival:
+        fake_tq.add_group(*groups[i], step=0 if groups[i][0].startswith("t0") else 1)
+    batch, metrics = make_sampler(DROP_UNIFORM).filter_sample(1, P, 4)
+    assert batch.keys == ["t0-7_0_0", "t0-7_0_1", "t1-2_0_0", "t1-2_0_1", "t1-10_0_0", "t1-10_0_1"]
+    assert metrics["filter/dropped_all_correct"] == 1
 
 
 def test_older_groups_are_kept_first(fake_tq):

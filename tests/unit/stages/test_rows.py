@@ -16,6 +16,8 @@ from recipe.stages.rows import (
     STAGE_FIELDS,
     clone_row,
     is_padding,
+    key_order,
+    make_uids,
     is_skipped,
     mark_skipped,
     real_indices,
@@ -23,6 +25,7 @@ from recipe.stages.rows import (
     reward_info,
     sample_dicts,
     uid_of,
+    uid_order,
 )
 from verl.utils.tensordict_utils import assign_non_tensor_data, list_of_dict_to_tensordict
 
@@ -128,3 +131,16 @@ def test_sample_dicts_jagged_dense_non_tensor_and_bf16():
 def test_sample_dicts_single_sample():
     out = sample_dicts(list_of_dict_to_tensordict([{"ids": torch.tensor([5, 6]), "s": "text"}]))
     assert len(out) == 1 and torch.equal(out[0]["ids"], torch.tensor([5, 6])) and out[0]["s"] == "text"
+
+
+def test_make_uids_and_their_order():
+    assert make_uids("t", 3, 8, 3) == ["t3-8", "t3-9", "t3-10"]
+    assert make_uids("v", 0, 0, 1) == ["v0-0"]
+    for bad in (("x", 1, 0, 1), ("t", -1, 0, 1), ("t", 1, -1, 1)):
+        with pytest.raises(ValueError):
+            make_uids(*bad)
+    uids = ["t3-10", "t3-9", "t12-0", "t2-5", "0f3a-uuid", "r3-1"]
+    assert sorted(uids, key=uid_order) == ["r3-1", "t2-5", "t3-9", "t3-10", "t12-0", "0f3a-uuid"]
+    keys = ["t1-2_10_0", "t1-2_2_0", "t1-10_0_0", "t1-2_pair1chosen_0", "t1-2_2_1"]
+    assert sorted(keys, key=key_order) == ["t1-2_2_0", "t1-2_2_1", "t1-2_10_0", "t1-2_pair1chosen_0", "t1-10_0_0"]
+    assert all(uid_of(k) == k.split("_")[0] for k in make_uids("t", 1, 0, 3))

@@ -4,6 +4,7 @@ filter emptied."""
 
 from __future__ import annotations
 
+from omegaconf import OmegaConf
 from transfer_queue import KVBatchMeta
 
 from recipe.stages.base import ORDER
@@ -45,3 +46,41 @@ def test_a_skipped_batch_skips_every_training_stage_and_its_metrics():
     metrics = {}
     trainer._compute_metrics(skipped, metrics, {}, 5, 0)
     assert metrics == {"training/global_step": 5, "training/epoch": 0}
+
+
+def test_uids_are_deterministic_per_step_and_kind(monkeypatch):
+    """The trainer names prompts t<step>-<k> (verl's dataloader and stages alike) and
+    validation prompts v<step>-<k> through verl's own _validate."""
+    import numpy as np
+    from verl.trainer.ppo.v1 import trainer_base
+    from verl.utils import tensordict_utils as tu
+
+    from recipe.stages.trainer import PPOTrainerSync, uuid4_from
+
+    trainer = RecipeTrainer.__new__(RecipeTrainer)
+    trainer._uids_issued, trainer.stages, trainer.global_steps = {}, [], 3
+    trainer.config = OmegaConf.create({"data": {"train_batch_size": 2}})
+
+    def verls_fetch(self):  # verl's dataloader chunk with its random uuids
+        return tu.get_tensordict({"index": np.arange(2), "uid": np.array(["x", "y"], dtype=object)})
+
+    monkeypatch.setattr(PPOTrainerSync, "_fetch_one_gen_batch", verls_fetch)
+    assert list(trainer._fetch_one_gen_batch()["uid"]) == ["t3-0", "t3-1"]
+    assert list(trainer._fetch_one_gen_batch()["uid"]) == ["t3-2", "t3-3"]  # a refill round
+    assert trainer.new_uids(2, "r") == ["r3-0", "r3-1"]
+    trainer.global_steps = 4
+    assert list(trainer._fetch_one_gen_batch()["uid"]) == ["t4-0", "t4-1"]
+    assert set(trainer._uids_issued) == {("t", 4)}, "counters of past steps are dropped"
+
+    def verls_validate(self):
+        return [str(trainer_base.uuid.uuid4()) for _ in range(3)]
+
+    monkeypatch.setattr(PPOTrainerSync, "_validate", verls_validate)
+    assert trainer._validate() == ["v4-0", "v4-1", "v4-2"]
+    assert trainer_base.uuid.uuid4 is not None and trainer_base.uuid.__name__ == "uuid", "module restored"
+    try:
+        with uuid4_from(lambda: "z"):
+            raise KeyError
+    except KeyError:
+        pass
+    assert trainer_base.uuid.__name__ == "uuid"
