@@ -34,7 +34,15 @@ validation proceed.
 
 State: ``global_step_N/recipe_state.pt`` = ``{"global_steps": N, "stages": {name:
 stage.state_dict()}}``, written (atomically) before verl's own checkpoint so that verl's
-``latest_checkpointed_iteration.txt`` never points at a step without it. Checkpoints of
+``latest_checkpointed_iteration.txt`` never points at a step without it.
+
+Publication: verl writes its checkpoint file by file and then its tracker
+(``latest_checkpointed_iteration.txt``, truncated and rewritten in place). Once verl's save
+returns, the trainer writes ``global_step_N/COMPLETE`` (atomically): a checkpoint is
+published when that marker exists. At start-up (:func:`repair_tracker`) a tracker that is
+unreadable, or names a folder without the marker while an older published one exists (a
+kill during a save), is rewritten to the newest published checkpoint, with a warning; runs
+whose folders carry no marker at all (older versions) are left to verl. Checkpoints of
 the layout before stages (top-level ``replay`` / ``dots`` / ``preference`` keys) are read
 too (:func:`stage_states`).
 
@@ -67,7 +75,7 @@ from omegaconf import open_dict
 
 import recipe.algos  # noqa: F401  (registers advantage estimators and policy losses)
 from recipe.algos.metrics import validation_metrics
-from recipe.io import atomic_torch_save
+from recipe.io import atomic_torch_save, atomic_write_text
 from recipe.stages.base import Handles, Stage, build_stages
 from recipe.stages.rows import is_skipped, make_uids
 from verl.trainer.main_ppo import TaskRunnerV1
@@ -78,6 +86,10 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 TRAINER_MODE = "recipe_sync"
 #: Per-checkpoint state of the stages (in ``global_step_N/``).
 STATE_FILE = "recipe_state.pt"
+#: Written into ``global_step_N/`` once the whole checkpoint is on disk.
+COMPLETE_FILE = "COMPLETE"
+#: verl's checkpoint tracker in ``trainer.default_local_dir``.
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
 #: Stage names of the checkpoint layout before the stage protocol.
 LEGACY_STATE_KEYS = {"replay": "rollout_replay", "dots": "dots", "preference": "preference"}
 
@@ -119,6 +131,43 @@ def uuid4_from(new_uid):
         yield
     finally:
         trainer_base.uuid = original
+
+
+def published_steps(root: str) -> list[int]:
+    """Steps ``N`` whose ``root/global_step_N/`` holds :data:`COMPLETE_FILE`, ascending."""
+    steps = []
+    for entry in os.listdir(root) if os.path.isdir(root) else []:
+        name, _, step = entry.partition("global_step_")
+        if not name and step.isdigit() and os.path.exists(os.path.join(root, entry, COMPLETE_FILE)):
+            steps.append(int(step))
+    return sorted(steps)
+
+
+def repair_tracker(root: str) -> str | None:
+    """Point verl's tracker in ``root`` at the newest published checkpoint when it names an
+    unpublished one (see the module doc).
+
+    Returns:
+        A message saying what was changed, or None when the tracker was left as it is (it is
+        readable and names a published checkpoint, or no checkpoint carries the marker).
+    """
+    published = published_steps(root)
+    if not published:
+        return None
+    tracker = os.path.join(root, TRACKER_FILE)
+    try:
+        with open(tracker) as f:
+            named: int | str | None = int(f.read().strip())
+    except FileNotFoundError:
+        named = None
+    except ValueError:
+        named = "unreadable"
+    if named in published:
+        return None
+    atomic_write_text(tracker, str(published[-1]))
+    return (f"{tracker} named {'no checkpoint' if named is None else named!r}, which was not completely "
+            f"written (no {COMPLETE_FILE} marker: the run was killed while saving it?); resuming from the newest "
+            f"complete checkpoint, global_step_{published[-1]}")
 
 
 def _load_class(path: str):
@@ -286,11 +335,17 @@ class RecipeTrainer(PPOTrainerSync):
         for stage in self.stages:
             stage.save(h, os.path.dirname(path))
         super()._save_checkpoint()
+        atomic_write_text(os.path.join(os.path.dirname(path), COMPLETE_FILE), f"{self.global_steps}\n")
 
     def _load_checkpoint(self):
         h = self.handles()
         for stage in self.stages:  # workers exist, the checkpoint is not loaded yet
             stage.setup(h)
+        if self.config.trainer.resume_mode == "auto":
+            message = repair_tracker(self.config.trainer.default_local_dir)
+            if message:
+                logger.warning(message)
+                print(f"[recipe] {message}", flush=True)
         super()._load_checkpoint()
         if self.global_steps <= 0:
             return

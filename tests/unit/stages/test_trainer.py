@@ -9,7 +9,15 @@ from transfer_queue import KVBatchMeta
 
 from recipe.stages.base import ORDER
 from recipe.stages.rows import SKIP_UPDATE
-from recipe.stages.trainer import LEGACY_STATE_KEYS, SKIP_WHEN_EMPTY, TRAINER_MODE, RecipeTrainer, stage_states
+from recipe.stages.trainer import (
+    COMPLETE_FILE,
+    LEGACY_STATE_KEYS,
+    SKIP_WHEN_EMPTY,
+    TRACKER_FILE,
+    TRAINER_MODE,
+    RecipeTrainer,
+    stage_states,
+)
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
 
 
@@ -84,3 +92,37 @@ def test_uids_are_deterministic_per_step_and_kind(monkeypatch):
     except KeyError:
         pass
     assert trainer_base.uuid.__name__ == "uuid"
+
+
+def _checkpoint(root, step, complete=True):
+    folder = root / f"global_step_{step}"
+    (folder / "actor").mkdir(parents=True)
+    if complete:
+        (folder / COMPLETE_FILE).write_text(f"{step}\n")
+
+
+def test_tracker_repaired_after_a_kill_during_a_save(tmp_path):
+    from recipe.stages.trainer import published_steps, repair_tracker
+
+    tracker = tmp_path / TRACKER_FILE
+    assert repair_tracker(str(tmp_path / "missing")) is None
+    _checkpoint(tmp_path, 2)
+    _checkpoint(tmp_path, 4)
+    _checkpoint(tmp_path, 6, complete=False)  # killed while verl wrote it
+    assert published_steps(str(tmp_path)) == [2, 4]
+    tracker.write_text("4")
+    assert repair_tracker(str(tmp_path)) is None and tracker.read_text() == "4"
+    tracker.write_text("6")  # verl wrote the tracker, the marker is missing
+    assert "global_step_4" in repair_tracker(str(tmp_path)) and tracker.read_text() == "4"
+    tracker.write_text("")  # killed while verl truncated and rewrote the tracker
+    assert "unreadable" in repair_tracker(str(tmp_path)) and tracker.read_text() == "4"
+    tracker.unlink()
+    assert "no checkpoint" in repair_tracker(str(tmp_path)) and tracker.read_text() == "4"
+
+
+def test_tracker_of_runs_without_markers_is_left_to_verl(tmp_path):
+    from recipe.stages.trainer import repair_tracker
+
+    _checkpoint(tmp_path, 2, complete=False)
+    (tmp_path / TRACKER_FILE).write_text("2")
+    assert repair_tracker(str(tmp_path)) is None and (tmp_path / TRACKER_FILE).read_text() == "2"
