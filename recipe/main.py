@@ -20,6 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recipe.config import ConfigError, abs_path, as_files, check_all, setup_paths
+from recipe.io import atomic_write_text
 
 logger = logging.getLogger("recipe.main")
 
@@ -193,6 +194,27 @@ def setup_metrics_file(cfg: DictConfig) -> str:
     return path
 
 
+#: The resolved config of a run, in ``trainer.default_local_dir`` (rewritten at every start).
+CONFIG_FILE = "config.yaml"
+
+
+def write_run_config(cfg: DictConfig) -> Path:
+    """Write the resolved config to ``${trainer.default_local_dir}/config.yaml`` (atomically,
+    every start: a resumed run writes what it ran with) and print it when ``log.config_dump``.
+
+    verl's task runner would print the whole config (~1,000 lines) at every start;
+    :class:`recipe.stages.trainer.RecipeTaskRunner` does not, so this is the only dump.
+
+    Returns:
+        The path written.
+    """
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    path = atomic_write_text(Path(abs_path(cfg.trainer.default_local_dir)) / CONFIG_FILE, text)
+    if OmegaConf.select(cfg, "log.config_dump", default=False):
+        print(text, end="", flush=True)
+    return path
+
+
 def run(cfg: DictConfig) -> None:
     """Prepare, patch and run verl's V1 PPO trainer with ``cfg``."""
     setup_paths(cfg)
@@ -203,7 +225,6 @@ def run(cfg: DictConfig) -> None:
     quiet_engine_warnings(cfg)
     setup_device(cfg)
     metrics_path = setup_metrics_file(cfg)
-    print(f"[recipe] run dir: {abs_path(cfg.trainer.default_local_dir)}  metrics: {metrics_path}", flush=True)
 
     import verl_patches
     from verl.trainer.main_ppo import run_ppo
@@ -221,6 +242,9 @@ def run(cfg: DictConfig) -> None:
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
     if not cfg.trainer.use_v1:
         raise ConfigError("trainer.use_v1=false: this project runs verl's V1 trainer only (see README, design)")
+    config_path = write_run_config(cfg)
+    print(f"[recipe] run dir: {abs_path(cfg.trainer.default_local_dir)}  metrics: {metrics_path}  "
+          f"config: {config_path.name}", flush=True)
     from recipe.stages.trainer import RecipeTaskRunner
 
     with ray_cleanup():

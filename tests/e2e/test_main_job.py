@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,6 +40,11 @@ def run_job(artifacts: Path, *overrides: str, timeout: int = 900) -> subprocess.
     log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     assert proc.returncode == 0, f"run.sh {' '.join(overrides)} failed (log: {log}):\n{proc.stderr[-4000:]}"
     return proc
+
+
+def short_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """The console's short per-step lines (``step 3/10 | reward ...``), Ray's prefix removed."""
+    return [m.group(0) for m in re.finditer(r"step \d+(/\d+)? \|[^\n]*", proc.stdout + proc.stderr)]
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -84,8 +91,20 @@ def test_main_job_two_steps_then_resume(artifacts, monkeypatch):
         *TOY_STAGE,
     )
     proc = run_job(artifacts, "trainer.total_training_steps=2", *common)
+    log = proc.stdout + proc.stderr
     # verl's engine-availability warnings are filtered in the driver and every worker
-    assert "engine is not available" not in proc.stdout + proc.stderr
+    assert "engine is not available" not in log
+    # quiet console (log.short, log.config_dump=false): no config dump, no line of every
+    # metric, one short line per step (validation at step 2); the config is in config.yaml
+    assert "{'actor_rollout_ref': " not in log and not re.search(r"^actor_rollout_ref:", log, re.MULTILINE)
+    assert "step:1 - " not in log
+    lines = short_lines(proc)
+    assert [line.split(" |")[0] for line in lines] == ["step 1/2", "step 2/2"], lines
+    assert all(" | reward " in line and " s/step" in line for line in lines), lines
+    assert " | val acc " in lines[1] and " | val " not in lines[0], lines
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["trainer"]["experiment_name"] == name and config["log"]["config_dump"] is False
+    assert Path(config["trainer"]["default_local_dir"]).resolve() == run_dir.resolve()
 
     # data prepared, model built, on demand
     assert (artifacts / "data" / "gsm8k" / "train.parquet").exists()
@@ -127,6 +146,8 @@ def test_main_job_two_steps_then_resume(artifacts, monkeypatch):
     # resume: same experiment, more steps -> continues at step 3, earlier metrics kept
     proc = run_job(artifacts, "trainer.total_training_steps=3", *common)
     assert "global_step_2" in proc.stdout + proc.stderr  # loaded from the step-2 checkpoint
+    assert [line.split(" |")[0] for line in short_lines(proc)] == ["step 3/3"]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["total_training_steps"] == 3
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert (run_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
