@@ -124,6 +124,31 @@ def add_ray_env(cfg: DictConfig, **env: str) -> None:
             OmegaConf.update(cfg, f"ray_kwargs.ray_init.runtime_env.env_vars.{key}", value, force_add=True)
 
 
+def join_existing_cluster(cfg: DictConfig) -> str | None:
+    """Train on a running Ray cluster when one is named: ``ray_kwargs.ray_init.address``, or
+    Ray's own ``RAY_ADDRESS`` variable (``RAY_ADDRESS=host:6379 ./run.sh``; the e2e tests
+    share one cluster this way). ``num_cpus`` / ``num_gpus`` describe a cluster to start and
+    ``ray.init`` refuses them with an address, so they are cleared; the driver's
+    ``PYTHONPATH`` is passed to the workers (modules of ``stages.extra``), which do not
+    inherit the driver's environment on a cluster it did not start.
+
+    Returns:
+        The address joined, or None (``address`` unset or ``local``: verl starts a Ray of its own).
+    """
+    ray_init = cfg.ray_kwargs.ray_init
+    address = ray_init.get("address") or os.environ.get("RAY_ADDRESS")
+    if not address or address == "local":
+        return None
+    with open_dict(cfg):
+        ray_init.address = address
+        ray_init.num_cpus = None
+        ray_init.num_gpus = None
+    if os.environ.get("PYTHONPATH"):
+        add_ray_env(cfg, PYTHONPATH=os.environ["PYTHONPATH"])
+    print(f"[recipe] joining the Ray cluster at {address}", flush=True)
+    return address
+
+
 def check_stages(cfg: DictConfig) -> None:
     """Every start-up check, before Ray starts: this project's config nodes and their
     cross-node rules (:func:`recipe.config.check_all`), then each enabled stage's own
@@ -224,6 +249,7 @@ def run(cfg: DictConfig) -> None:
     prepare_model(cfg)
     quiet_engine_warnings(cfg)
     setup_device(cfg)
+    join_existing_cluster(cfg)
     metrics_path = setup_metrics_file(cfg)
 
     import verl_patches

@@ -60,3 +60,27 @@ def test_engine_warnings_filtered_for_workers(monkeypatch):
     quiet_engine_warnings(cfg)  # idempotent
     value = cfg.ray_kwargs.ray_init.runtime_env.env_vars.PYTHONWARNINGS
     assert value == f"default::DeprecationWarning,{ENGINE_WARNINGS}"
+
+
+def test_join_existing_cluster(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from recipe.main import join_existing_cluster
+
+    def cfg(**ray_init):
+        return OmegaConf.create({"ray_kwargs": {"ray_init": {"num_cpus": 8, "num_gpus": 2, **ray_init}}})
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("PYTHONPATH", "/x/plugins")
+    c = cfg()
+    assert join_existing_cluster(c) is None and c.ray_kwargs.ray_init.num_cpus == 8
+    c = cfg(address="local")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert join_existing_cluster(c) is None, "address=local: verl starts its own Ray"
+    c = cfg()
+    assert join_existing_cluster(c) == "10.0.0.1:6379"
+    ri = c.ray_kwargs.ray_init
+    assert ri.address == "10.0.0.1:6379" and ri.num_cpus is None and ri.num_gpus is None
+    assert ri.runtime_env.env_vars.PYTHONPATH == "/x/plugins"
+    c = cfg(address="10.0.0.2:6379")
+    assert join_existing_cluster(c) == "10.0.0.2:6379", "the config's address wins over RAY_ADDRESS"
