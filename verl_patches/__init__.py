@@ -8,7 +8,8 @@ the entry-point module :mod:`verl_patches.plugin` calls :func:`load`, which logs
 
 Always applied (cheap, harmless on GPU):
     - ``rollout``: registers the ``hf`` rollout backend (:mod:`verl_patches.hf_rollout`);
-    - ``tracking``: verl's JSONL metrics logger appends on resume instead of truncating;
+    - ``tracking``: verl's JSONL metrics logger appends on resume instead of truncating,
+      and its console prints one short line per step with ``log.short``;
     - ``seeding``: every rollout response gets its own sampling seed
       (:mod:`verl_patches.seeding`).
 
