@@ -4,7 +4,11 @@ DPO and LoRR need inside verl's FSDP worker graph (verl has none of them).
 :class:`RecipeActorRolloutRefWorker` is used instead of verl's worker only when an enabled
 stage asks for it (``Stage.worker_class``; the preference stage does).
 Its extra methods are registered with verl's ``Dispatch.ONE_TO_ALL``: the trainer calls them
-on the worker group and every rank acts on its own FSDP shard.
+on the worker group and every rank acts on its own FSDP shard. The ones that read or write
+parameters first reshard every FSDP2 unit (:func:`reshard_`; a no-grad forward can leave
+units unsharded, see there), through the module-level functions
+:func:`sharded_named_parameters`, :func:`copy_parameters_` and :func:`lorr_reset_module_`
+(tested on 2 gloo ranks without Ray: ``tests/unit/stages/test_two_rank_params.py``).
 
 - :meth:`~RecipeActorRolloutRefWorker.recipe_set_preference_loss`: replace verl's PPO loss
   (``verl.workers.utils.losses.ppo_loss``) by :func:`preference_loss` (DPO / IPO / SimPO +
@@ -129,8 +133,92 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _local_named_parameters(module) -> list[tuple[str, torch.Tensor]]:
+def reshard_(module: torch.nn.Module) -> None:
+    """Reshard every FSDP2 unit of ``module`` (``FSDPModule.reshard()``, not recursive itself,
+    so on each unit); no-op for units already sharded and for modules without FSDP2.
+
+    After a no-grad forward FSDP2 leaves units unsharded unless they reshard after forward:
+    with torch's default ``reshard_after_forward=None`` the root unit (embeddings, final
+    norm), with verl's ``fsdp_config.reshard_after_forward=false`` every unit. Their
+    parameters are then full-size plain tensors whose storage the next reshard frees, so
+    writes into them are lost and their shapes are not the shards'.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def sharded_named_parameters(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(name, this rank's shard)`` of every parameter, after :func:`reshard_`: the local
+    tensors are views of the sharded parameters' storage (writes go through)."""
+    reshard_(module)
     return [(name, _local(p.data)) for name, p in module.named_parameters()]
+
+
+@torch.no_grad()
+def copy_parameters_(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                     target: str = "the reference model", hint: str = "") -> int:
+    """Copy ``state`` (name -> this rank's shard, e.g. another module's
+    :func:`sharded_named_parameters` or a saved file) into ``module``'s shards, in place.
+
+    Args:
+        module: the destination (FSDP2 or plain).
+        state: a tensor for every parameter of ``module``, each the shape of its local shard
+            (any dtype / device: cast on copy).
+        source, target: what ``state`` and ``module`` are, for the error messages.
+        hint: appended to the shape-mismatch message (a likely cause).
+
+    Returns:
+        The number of tensors copied.
+
+    Raises:
+        RuntimeError: the names differ (the first 5 of the symmetric difference are named), or
+            a shard's shape does.
+    """
+    dst = sharded_named_parameters(module)
+    diff = sorted(set(state) ^ {n for n, _ in dst})
+    if diff:
+        raise RuntimeError(f"{source} and {target} differ in parameters: {diff[:5]}")
+    for name, t in dst:
+        if t.shape != state[name].shape:
+            raise RuntimeError(f"{name}: shard of shape {tuple(state[name].shape)} in {source}, {tuple(t.shape)} in "
+                               f"{target}{hint}")
+    for name, t in dst:
+        t.copy_(state[name])
+    return len(dst)
+
+
+@torch.no_grad()
+def lorr_reset_module_(module: torch.nn.Module, theta0: dict[str, torch.Tensor], alpha: float, pattern: str,
+                       optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """LoRR's reset on ``module``'s shards: theta <- alpha * theta + (1 - alpha) * theta_0 on
+    the parameters matching ``pattern`` (:func:`recipe.algos.lorr.reset_named_parameters_`),
+    after :func:`reshard_`.
+
+    Args:
+        module: the actor (FSDP2 or plain).
+        theta0: this rank's shards of theta_0 (:func:`recipe.algos.lorr.snapshot` of
+            :func:`sharded_named_parameters`).
+        alpha: in [0, 1]. pattern: regex searched in parameter names.
+        optimizer: when given, the state (Adam moments, step) of the reset parameters is
+            cleared.
+
+    Returns:
+        ``{"changed": names, "delta_norm": ||theta_new - theta_old||_2 over this rank's
+        shards}`` (the squares add up over ranks to the full tensors').
+    """
+    named = sharded_named_parameters(module)
+    before = {n: t.detach().clone() for n, t in named if n in theta0}
+    changed = reset_named_parameters_(named, theta0, alpha, pattern)
+    now = dict(named)
+    delta = sum(float((now[n].float() - before[n].float()).pow(2).sum()) for n in changed) ** 0.5
+    if optimizer is not None:
+        params = dict(module.named_parameters())  # resharded: the optimizer's keys
+        for name in changed:
+            optimizer.state.pop(params[name], None)
+    return {"changed": changed, "delta_norm": delta}
 
 
 def theta0_fingerprint(theta0: dict[str, torch.Tensor]) -> str:
@@ -182,17 +270,9 @@ class RecipeActorRolloutRefWorker(ActorRolloutRefWorker):
             raise RuntimeError("recipe_sync_reference: this worker holds no reference model next to the actor "
                                "(preference.reference=iteration_start needs actor_rollout_ref.actor.use_kl_loss=true "
                                "and the reference colocated with the actor)")
-        src = dict(_local_named_parameters(self.actor.engine.module))
-        dst = _local_named_parameters(self.ref.engine.module)
-        if set(src) != {n for n, _ in dst}:
-            raise RuntimeError(f"recipe_sync_reference: actor and reference parameters differ: "
-                               f"{sorted(set(src) ^ {n for n, _ in dst})[:5]}")
-        for name, t in dst:
-            if t.shape != src[name].shape:
-                raise RuntimeError(f"recipe_sync_reference: {name} is sharded differently "
-                                   f"({tuple(t.shape)} vs {tuple(src[name].shape)})")
-            t.copy_(src[name])
-        return len(dst)
+        src = dict(sharded_named_parameters(self.actor.engine.module))
+        return copy_parameters_(self.ref.engine.module, src, source="the actor (recipe_sync_reference)",
+                                hint=" (sharded differently)")
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     @torch.no_grad()
@@ -204,7 +284,7 @@ class RecipeActorRolloutRefWorker(ActorRolloutRefWorker):
         Returns:
             The saved tensors' fingerprint.
         """
-        state = {name: t.detach().cpu().clone() for name, t in _local_named_parameters(self.ref.engine.module)}
+        state = {name: t.detach().cpu().clone() for name, t in sharded_named_parameters(self.ref.engine.module)}
         atomic_torch_save(state, os.path.join(folder, REFERENCE_FILE.format(rank=self._shard_rank())))
         return theta0_fingerprint(state)
 
@@ -224,15 +304,7 @@ class RecipeActorRolloutRefWorker(ActorRolloutRefWorker):
         if not os.path.exists(path):
             return None
         state = torch.load(path, weights_only=True)
-        dst = _local_named_parameters(self.ref.engine.module)
-        if set(state) != {n for n, _ in dst}:
-            raise RuntimeError(f"{path}: parameters differ from the reference model's: "
-                               f"{sorted(set(state) ^ {n for n, _ in dst})[:5]}")
-        for name, t in dst:
-            if t.shape != state[name].shape:
-                raise RuntimeError(f"{path}: {name} has shape {tuple(state[name].shape)}, the reference's shard "
-                                   f"{tuple(t.shape)} (saved with another number of ranks?)")
-            t.copy_(state[name].to(t.dtype))
+        copy_parameters_(self.ref.engine.module, state, source=path, hint=" (saved with another number of ranks?)")
         return theta0_fingerprint(state)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
@@ -247,7 +319,7 @@ class RecipeActorRolloutRefWorker(ActorRolloutRefWorker):
         Raises:
             ValueError: no parameter matches ``pattern`` (names ``lorr.reset.pattern``).
         """
-        self._theta0 = snapshot(_local_named_parameters(self.actor.engine.module), pattern)
+        self._theta0 = snapshot(sharded_named_parameters(self.actor.engine.module), pattern)
         if not self._theta0:
             names = [n for n, _ in self.actor.engine.module.named_parameters()][:8]
             raise ValueError(f"lorr.reset.pattern={pattern!r} matches no actor parameter (e.g. {names})")
@@ -274,17 +346,8 @@ class RecipeActorRolloutRefWorker(ActorRolloutRefWorker):
         """
         if self._theta0 is None:
             raise RuntimeError("recipe_lorr_reset before recipe_lorr_snapshot")
-        module = self.actor.engine.module
-        named = _local_named_parameters(module)
-        before = {n: t.detach().clone() for n, t in named if n in self._theta0}
-        changed = reset_named_parameters_(named, self._theta0, alpha, pattern)
-        delta = sum(float((dict(named)[n].float() - before[n].float()).pow(2).sum()) for n in changed) ** 0.5
-        if reset_optimizer:
-            optimizer = self.actor.engine.optimizer
-            params = dict(module.named_parameters())
-            for name in changed:
-                optimizer.state.pop(params[name], None)
-        return {"changed": changed, "delta_norm": delta}
+        return lorr_reset_module_(self.actor.engine.module, self._theta0, alpha, pattern,
+                                  self.actor.engine.optimizer if reset_optimizer else None)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def recipe_lorr_save(self, folder: str) -> str:

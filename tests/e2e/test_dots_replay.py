@@ -1,4 +1,5 @@
-"""GRPO + DOTS + rollout replay through verl's V1 trainer on CPU, with a resume.
+"""GRPO + DOTS + rollout replay through verl's V1 trainer on CPU, with a resume (on 2 FSDP
+ranks).
 
 Reward: tests/e2e/parity_reward.py (mixed groups from a random tiny model). The buffer
 stores every group here (``replay.store_only_mixed=false``) so that replay is certain to
@@ -20,6 +21,8 @@ from tests.e2e.test_main_job import run_parity_steps as _run
 
 BATCH = 4  # data.train_batch_size of conf/device/cpu.yaml
 REF_SIZE = 16  # dots.ref_size of conf/device/cpu.yaml
+N = 4  # actor_rollout_ref.rollout.n of recipe=grpo_dots_rr on CPU
+RANKS = 2
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +32,10 @@ def artifacts(tmp_path_factory) -> Path:
 
 
 def test_grpo_dots_rr_rounds_replay_and_resume(artifacts):
+    """On 2 ranks: each step's fresh and replayed rows are split over both ranks for the old
+    log-probs and the update, and every row comes back with its pi_old (stored as mu)."""
     name = "e2e_dots_rr"
-    common = ("recipe=grpo_dots_rr", "replay.store_only_mixed=false")
+    common = ("recipe=grpo_dots_rr", "replay.store_only_mixed=false", f"trainer.n_gpus_per_node={RANKS}")
     _, steps = _run(artifacts, name, 2, *common)
     run_dir = artifacts / "runs" / name
     s1, s2 = steps[1], steps[2]
@@ -51,6 +56,7 @@ def test_grpo_dots_rr_rounds_replay_and_resume(artifacts):
     for m in (s1, s2):
         assert math.isfinite(m["actor/pg_loss"]) and m["actor/grad_norm"] > 0
         assert 0.0 <= m["dots/effective_ratio"] <= 1.0
+        assert m["global_seqlen/mean"] * RANKS == m["perf/total_num_tokens"]  # the rows split over 2 ranks
 
     rounds = [json.loads(line) for line in (run_dir / "dots_rounds.jsonl").read_text().splitlines()]
     assert len(rounds) == REF_SIZE and {r["step"] for r in rounds} == {1}
@@ -61,6 +67,10 @@ def test_grpo_dots_rr_rounds_replay_and_resume(artifacts):
     # replays from it right away (a fresh buffer would make step 3 all fresh)
     saved = torch.load(run_dir / "global_step_2" / "recipe_state.pt", weights_only=False)["stages"]
     assert len(saved["rollout_replay"]["groups"]) == BATCH + BATCH // 2
+    # every stored row has the pi_old the workers computed, whichever rank held it
+    mus = [mu for g in saved["rollout_replay"]["groups"] for mu in g["payload"]["behaviour_log_probs"]]
+    assert len(mus) == (BATCH + BATCH // 2) * N
+    assert all(mu.numel() > 0 and torch.isfinite(mu).all() and (mu <= 0).all() and (mu < 0).any() for mu in mus)
     proc, steps = _run(artifacts, name, 3, *common)
     restored = re.search(r"restored replay buffer: (\d+) groups \(fingerprint ([0-9a-f]+)\)", proc.stdout)
     assert restored, "the resumed run did not report restoring the replay buffer"

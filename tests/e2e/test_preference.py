@@ -16,6 +16,7 @@ import torch
 from tests.e2e.test_main_job import run_parity_steps as _run
 
 BATCH = 4  # data.train_batch_size of conf/device/cpu.yaml
+RANKS = 2  # trainer.n_gpus_per_node of test_iterative_dpo and test_lorr_reset_reuse_and_resume
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_iterative_dpo(artifacts):
     aggregation there: "same number of values ... [2, 1]"). Log-prob micro-batches of 64 rows
     (more than the step has) must still work: the trainer sizes them to whole pairs (verl's
     infer path asserts rows % micro == 0)."""
-    _, steps = _run(artifacts, "e2e_idpo", 2, "recipe=iterative_dpo", "trainer.n_gpus_per_node=2",
+    _, steps = _run(artifacts, "e2e_idpo", 2, "recipe=iterative_dpo", f"trainer.n_gpus_per_node={RANKS}",
                     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
                     "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64",
                     "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=64")
@@ -57,9 +58,15 @@ def test_iterative_dpo(artifacts):
 def test_lorr_reset_reuse_and_resume(artifacts):
     """L = 2 passes per step, a reset after every 3rd pass (inside step 2), reuse of the
     first step's pairs as soon as a reset happened (rollout_ratio 0); then a resume from
-    global_step_2 (taken after the reset) restores counters, the initial pairs and theta_0."""
+    global_step_2 (taken after the reset) restores counters, the initial pairs and theta_0.
+
+    On 2 FSDP ranks: theta_0 is kept per rank, each its own shard of the matching
+    parameters; the two files together are exactly the initial model's tensors."""
+    from safetensors.torch import load_file
+
     name = "e2e_lorr"
-    common = ("recipe=lorr_dpo", "lorr.replays=2", "lorr.reset.every=3", "lorr.reuse.rollout_ratio=0.0")
+    common = ("recipe=lorr_dpo", "lorr.replays=2", "lorr.reset.every=3", "lorr.reuse.rollout_ratio=0.0",
+              f"trainer.n_gpus_per_node={RANKS}")
     proc, steps = _run(artifacts, name, 2, *common)
     snap = re.search(r"LoRR theta_0: (\d+) tensors .*fingerprint ([0-9a-f]+)\)", proc.stdout)
     assert snap and int(snap.group(1)) == 2  # the tiny model's two layers' mlp.down_proj.weight
@@ -76,7 +83,15 @@ def test_lorr_reset_reuse_and_resume(artifacts):
     saved = torch.load(run_dir / "global_step_2" / "recipe_state.pt", weights_only=False)["stages"]["preference"]
     assert saved["replays"] == 4 and saved["resets"] == 1
     assert len(saved["initial"]["keys"]) == 2 * s1["dpo/pairs"]
-    assert (run_dir / "global_step_2" / "lorr_theta0_rank0.pt").exists()
+    shards = [torch.load(run_dir / "global_step_2" / f"lorr_theta0_rank{r}.pt", weights_only=True)
+              for r in range(RANKS)]
+    models = list((artifacts / "models").glob("*/model.safetensors"))
+    assert len(models) == 1, models
+    initial = load_file(models[0])
+    assert sorted(shards[0]) == sorted(shards[1]) == sorted(n for n in initial if "down_proj" in n)
+    for n in shards[0]:  # FSDP2 shards along dim 0: rank 0 the first half, rank 1 the rest
+        assert all(s[n].shape[0] < initial[n].shape[0] for s in shards), n
+        assert torch.equal(torch.cat([s[n] for s in shards]), initial[n].to(shards[0][n].dtype)), n
 
     proc, steps = _run(artifacts, name, 3, *common)
     restored = re.search(r"restored preference state: (\d+) replay passes, (\d+) resets, initial pairs (\w+), "

@@ -1,4 +1,5 @@
-"""Every recipe for 2 steps through verl's V1 trainer on CPU, with the group-filter metrics.
+"""Every recipe for 2 steps through verl's V1 trainer on CPU, on 2 FSDP ranks (gloo), with
+the group-filter metrics.
 
 The reward is tests/e2e/parity_reward.py (mixed groups from a random tiny model); the
 real math reward is exercised by test_main_job.py.
@@ -15,6 +16,13 @@ from tests.e2e.test_main_job import read_metrics, run_job
 
 PARITY_REWARD = str(Path(__file__).with_name("parity_reward.py"))
 BATCH = 4  # data.train_batch_size in conf/device/cpu.yaml
+RANKS = 2  # trainer.n_gpus_per_node of test_recipe_two_steps: batch splits and dp metric aggregation
+#: PPO (n = 1) gets BATCH x 1 / RANKS = 2 rows per rank per mini-batch: micro-batches of 2
+#: (recipe.config.check_micro_batches stops the run at start-up with the default 4)
+PPO_MICRO = tuple(f"{key}=2" for key in ("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",
+                                         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu",
+                                         "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu",
+                                         "critic.ppo_micro_batch_size_per_gpu"))
 
 # every recipe of conf/recipe/ but those that set a stage node (replay / dots / preference /
 # lorr): test_dots_replay.py and test_preference.py run them with their own checks
@@ -46,12 +54,19 @@ def run_recipe(artifacts: Path, recipe: str, name: str, *extra: str) -> list[dic
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_two_steps(artifacts, recipe):
-    steps = run_recipe(artifacts, recipe, f"e2e_{recipe}")
+    """2 steps on 2 ranks: the batch is split over both (verl balances whole rows: each
+    rank's tokens, ``global_seqlen/*``, sum to the step's), and every worker metric is
+    aggregated over them."""
+    steps = run_recipe(artifacts, recipe, f"e2e_{recipe}", f"trainer.n_gpus_per_node={RANKS}",
+                       *(PPO_MICRO if recipe == "ppo" else ()))
     for m in steps:
         assert 0.0 <= m["reward/acc"] <= 1.0
         assert "filter/kept_groups" not in m or recipe == "reinforce_rej"
         if m.get("filter/skipped_update"):
             continue  # every group was uniform: no update this step (checked below)
+        if "filter/kept_groups" not in m:  # (a filtered batch is padded with rows of its own)
+            assert m["global_seqlen/mean"] * RANKS == m["perf/total_num_tokens"]
+        assert m["global_seqlen/min"] <= m["global_seqlen/mean"] <= m["global_seqlen/max"]
         assert math.isfinite(m["actor/loss"])
         assert math.isfinite(m["actor/pg_loss"])
     if recipe in ("raft", "raft_pp"):

@@ -100,7 +100,7 @@ def t(v):
 
 def test_methods_are_registered_one_to_all():
     names = ["recipe_set_preference_loss", "recipe_sync_reference", "recipe_lorr_snapshot", "recipe_lorr_reset",
-             "recipe_lorr_save", "recipe_lorr_load"]
+             "recipe_lorr_save", "recipe_lorr_load", "recipe_reference_save", "recipe_reference_load"]
     for name in names:
         attrs = getattr(getattr(RecipeActorRolloutRefWorker, name), MAGIC_ATTR)
         assert attrs["dispatch_mode"] == Dispatch.ONE_TO_ALL, name
@@ -137,11 +137,15 @@ def test_sync_reference_copies_every_parameter():
 
 def test_sync_reference_refuses_other_names_shapes_or_no_reference():
     w = make_worker(TRAINED, ref={**THETA0, "model.extra.weight": [1.0]})
-    with pytest.raises(RuntimeError, match=r"differ: \['model.extra.weight'\]"):
+    with pytest.raises(RuntimeError, match=r"the actor \(recipe_sync_reference\) and the reference model differ in "
+                                           r"parameters: \['model.extra.weight'\]"):
         w.recipe_sync_reference()
     w = make_worker(TRAINED, ref={**THETA0, DOWN1: [1.0, 2.0, 3.0, 4.0]})
-    with pytest.raises(RuntimeError, match=rf"{DOWN1} is sharded differently \(\(4,\) vs \(3,\)\)"):
+    with pytest.raises(RuntimeError, match=rf"{DOWN1}: shard of shape \(3,\) in the actor \(recipe_sync_reference\), "
+                                           r"\(4,\) in the reference model \(sharded differently\)"):
         w.recipe_sync_reference()
+    # nothing was copied before the mismatch was found
+    assert torch.equal(params(w.ref.engine.module)[EMBED], t(THETA0[EMBED]))
     with pytest.raises(RuntimeError, match="no reference model"):
         make_worker(TRAINED, ref=None).recipe_sync_reference()
 
@@ -159,8 +163,13 @@ def test_reference_save_load_restores_the_iteration_start_reference(tmp_path):
         assert torch.equal(params(fresh.ref.engine.module)[name], t(value)), name
     assert make_worker(THETA0, ref=THETA0).recipe_reference_load(str(tmp_path / "absent")) is None
     other = make_worker(THETA0, ref={**THETA0, DOWN1: [1.0, 2.0, 3.0, 4.0]})
-    with pytest.raises(RuntimeError, match=rf"{DOWN1} has shape \(3,\), the reference's shard \(4,\)"):
+    with pytest.raises(RuntimeError, match=rf"{DOWN1}: shard of shape \(3,\) in .*reference_rank0.pt, \(4,\) in the "
+                                           r"reference model \(saved with another number of ranks\?\)"):
         other.recipe_reference_load(str(tmp_path))
+    extra = make_worker(THETA0, ref={**THETA0, "model.extra.weight": [1.0]})
+    with pytest.raises(RuntimeError, match=r"reference_rank0.pt and the reference model differ in parameters: "
+                                           r"\['model.extra.weight'\]"):
+        extra.recipe_reference_load(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- LoRR snapshot / reset
