@@ -72,12 +72,13 @@ def _run_killed_during_step_3(artifacts: Path, name: str, recipe: str) -> None:
         proc = subprocess.Popen(_command(name, recipe), cwd=artifacts, env=_env(artifacts), stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.time() + 600
-            while not marker.exists():
+            # verl logs step 2's metrics after its checkpoint: from then on step 3 is under way
+            # (no fixed sleep: LoRR's reuse steps take ~1 s, and a sleep of 1 s once let step 3 finish)
+            metrics, deadline = run_dir / "metrics.jsonl", time.time() + 600
+            while not (marker.exists() and metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
                 assert proc.poll() is None, f"{name} ended before its step-2 checkpoint (log {log.name})"
                 assert time.time() < deadline, f"{name}: no step-2 checkpoint after 600 s"
-                time.sleep(0.2)
-            time.sleep(1.0)  # step 3 is under way (a step takes ~3 s here)
+                time.sleep(0.02)
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)
