@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_main_job import PARITY_REWARD, ROOT, read_metrics
+from tests.e2e.test_main_job import PARITY_REWARD, ROOT, read_metrics, run_job
 
 #: timings and throughputs differ between any two runs
 VARYING = re.compile(r"^(timing_s|timing_per_token_ms)/|(^|/)perf/|throughput|memory|_s$|/time")
@@ -54,14 +54,8 @@ def _command(name: str, recipe: str) -> list[str]:
 
 
 def _env(artifacts: Path) -> dict:
-    return dict(os.environ, RECIPE_ARTIFACTS=str(artifacts), PYTHONUNBUFFERED="1")
-
-
-def _run(artifacts: Path, name: str, recipe: str, log: str) -> None:
-    proc = subprocess.run(_command(name, recipe), cwd=artifacts, env=_env(artifacts), capture_output=True,
-                          text=True, timeout=900)
-    (artifacts / log).write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    assert proc.returncode == 0, f"{name} failed (log {artifacts / log}):\n{proc.stderr[-3000:]}"
+    """The environment of ``run_job`` (tests/e2e/test_main_job.py), for a run started with Popen."""
+    return dict(os.environ, RECIPE_ARTIFACTS=str(artifacts), PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0")
 
 
 def _run_killed_during_step_3(artifacts: Path, name: str, recipe: str) -> None:
@@ -103,11 +97,11 @@ def _differences(a: dict, b: dict) -> list[str]:
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_same_seed_same_run_and_resume_equals_uninterrupted(artifacts, recipe):
     uninterrupted, killed = f"repro_{recipe}_a", f"repro_{recipe}_b"
-    _run(artifacts, uninterrupted, recipe, f"{uninterrupted}.log")
+    run_job(artifacts, *_command(uninterrupted, recipe)[1:])
     _run_killed_during_step_3(artifacts, killed, recipe)
-    _run(artifacts, killed, recipe, f"{killed}_resumed.log")
-    resumed_log = (artifacts / f"{killed}_resumed.log").read_text()
-    assert re.search(r"global_step_2", resumed_log), "the second start did not resume from global_step_2"
+    resumed = run_job(artifacts, *_command(killed, recipe)[1:])
+    assert re.search(r"global_step_2", resumed.stdout + resumed.stderr), \
+        "the second start did not resume from global_step_2"
 
     a = _by_step(artifacts / "runs" / uninterrupted / "metrics.jsonl")
     b = _by_step(artifacts / "runs" / killed / "metrics.jsonl")
