@@ -101,6 +101,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recipe.reward.answers import last_boxed
+from recipe.reward.golds import normalise_gold
 from recipe.io import atomic_write
 
 logger = logging.getLogger("recipe.data")
@@ -607,7 +608,7 @@ def convert_rows(
             continue
         problem = str(raw_problem)
         try:
-            ground_truth = spec.ground_truth(row)
+            ground_truth = normalise_gold(spec.ground_truth(row), spec.name)
         except _SkipRow as skip:
             log.skip(skip.reason, f"row {index}")
             continue
