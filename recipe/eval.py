@@ -4,7 +4,8 @@ Command line (Hydra, config ``conf/eval.yaml``)::
 
     python -m recipe.eval model_path=DIR [OVERRIDES]        # an HF model directory
     python -m recipe.eval checkpoint=DIR [OVERRIDES]        # a verl global_step_N (or its actor) folder
-    python -m recipe.eval eval=paper checkpoint=DIR         # avg@16, T = 1.0, 3072 tokens (GPU)
+    python -m recipe.eval eval=minimalist checkpoint=DIR    # the Minimalist paper's avg@16 (GPU)
+    python -m recipe.eval eval=dots checkpoint=DIR          # the DOTS paper's settings (GPU)
 
 For each benchmark (``data_source`` names of :mod:`recipe.data`: ``math500``,
 ``minerva_math``, ``olympiadbench``, ``aime24``, ``amc23``, ``gsm8k``) it samples ``k``
@@ -107,6 +108,7 @@ __all__ = [
     "merge_checkpoint",
     "pass_at_k",
     "pick_backend",
+    "render_prompt",
     "resolve_model",
     "validation_metrics",
 ]
@@ -124,6 +126,10 @@ SAMPLES_FILE = "samples.jsonl"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 SETTINGS_FILE = "eval_settings.json"
+
+#: What ends a response (recorded in ``eval_settings.json``): the EOS ids and the chat
+#: template's end-of-turn token (:func:`verl_patches.hf_rollout.turn_stop_token_ids`).
+STOPS = "eos+turn_end"
 
 #: Keys of the grader's reward dict copied into each sample line.
 GRADE_KEYS = ("acc", "has_answer", "grader_timeout", "grader_error", "grader_rejected")
@@ -172,6 +178,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"hf_num_threads must be >= 1 or null (torch's default), got {cfg.hf_num_threads}")
     if cfg.max_problems is not None and int(cfg.max_problems) < 1:
         raise ConfigError(f"max_problems must be >= 1 or null (all), got {cfg.max_problems}")
+    from recipe.reward.grader import GRADING_MODES
+
+    if cfg.get("grading") not in GRADING_MODES:
+        raise ConfigError(f"grading must be one of {', '.join(GRADING_MODES)}, got {cfg.get('grading')!r}")
     if cfg.backend not in ("auto", "hf", "vllm"):
         raise ConfigError(f"backend must be auto, hf or vllm, got {cfg.backend!r}")
     try:
@@ -338,6 +348,8 @@ class Problem:
         problem_id: ``unique_id`` / ``id`` of the benchmark, else ``str(index)``.
         messages: Chat messages (the prepared prompt).
         gold: Ground-truth answer string.
+        tolerance: The gold's absolute numeric tolerance (OlympiadBench's ``error``,
+            ``extra_info.error``), or None.
     """
 
     benchmark: str
@@ -345,6 +357,7 @@ class Problem:
     problem_id: str
     messages: list
     gold: str
+    tolerance: float | None = None
 
 
 def benchmark_file(data_dir: str | os.PathLike, benchmark: str) -> Path:
@@ -416,6 +429,8 @@ def load_benchmark(
     _check_template(path, rows, template)
     if max_problems is not None:
         rows = rows[: int(max_problems)]
+    from recipe.reward.math_reward import gold_tolerance
+
     problems = []
     for i, row in enumerate(rows):
         extra = row.get("extra_info") or {}
@@ -429,6 +444,7 @@ def load_benchmark(
                 problem_id=str(pid) if pid is not None else str(index),
                 messages=[{"role": m["role"], "content": m["content"]} for m in row["prompt"]],
                 gold=str(row["reward_model"]["ground_truth"]),
+                tolerance=gold_tolerance(extra),
             )
         )
     return problems
@@ -439,6 +455,10 @@ def load_benchmark(
 
 class HFBackend:
     """k samples per prompt with HF ``generate`` on the CPU (the ``hf`` rollout's generator).
+
+    A response ends at the first stop token of
+    :func:`verl_patches.hf_rollout.turn_stop_token_ids` (the EOS ids of the generation
+    config and tokenizer, and ``<|im_end|>`` when the chat template ends turns with it).
 
     Args:
         model_dir: HF model directory.
@@ -457,7 +477,7 @@ class HFBackend:
         import torch
         from transformers import AutoModelForCausalLM, GenerationConfig
 
-        from verl_patches.hf_rollout import HFGenerator
+        from verl_patches.hf_rollout import HFGenerator, turn_stop_token_ids
 
         if num_threads:
             torch.set_num_threads(int(num_threads))
@@ -466,14 +486,13 @@ class HFBackend:
             str(model_dir), dtype=getattr(torch, str(dtype)), attn_implementation="sdpa"
         )
         self.model.eval()
-        eos: list[int] = []
+        ge = None
         try:
             ge = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
-            eos += list(ge) if isinstance(ge, (list, tuple)) else ([ge] if ge is not None else [])
         except OSError:
             pass
-        if tokenizer.eos_token_id is not None:
-            eos.append(tokenizer.eos_token_id)
+        eos = turn_stop_token_ids(tokenizer, ge)
+        self.stop_token_ids = eos
         if not eos:
             raise ValueError(f"model at {model_dir} defines no eos token id (tokenizer or generation_config.json)")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
@@ -505,8 +524,12 @@ class HFBackend:
 class VLLMBackend:  # pragma: no cover - needs a GPU; tests/gpu/test_eval_vllm.py
     """k samples per prompt with ``vllm.LLM`` (GPU). Imported only when used.
 
+    ``SamplingParams.stop_token_ids`` are :func:`verl_patches.hf_rollout.turn_stop_token_ids`
+    (vLLM adds the model's own EOS ids itself), as the Qwen2.5-Math evaluation does.
+
     Args:
         model_dir: HF model directory.
+        tokenizer: Its tokenizer (for the stop ids).
         temperature, top_p, max_tokens: Sampling parameters.
         seed: vLLM engine seed.
         gpu_memory_utilization, max_model_len, tensor_parallel_size: vLLM engine options.
@@ -514,9 +537,19 @@ class VLLMBackend:  # pragma: no cover - needs a GPU; tests/gpu/test_eval_vllm.p
 
     name = "vllm"
 
-    def __init__(self, model_dir, temperature, top_p, max_tokens, seed, gpu_memory_utilization=0.85,
+    def __init__(self, model_dir, tokenizer, temperature, top_p, max_tokens, seed, gpu_memory_utilization=0.85,
                  max_model_len=None, tensor_parallel_size=1):
+        from transformers import GenerationConfig
         from vllm import LLM, SamplingParams
+
+        from verl_patches.hf_rollout import turn_stop_token_ids
+
+        ge = None
+        try:
+            ge = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
+        except OSError:
+            pass
+        self.stop_token_ids = turn_stop_token_ids(tokenizer, ge)
 
         self.llm = LLM(
             model=str(model_dir),
@@ -527,7 +560,8 @@ class VLLMBackend:  # pragma: no cover - needs a GPU; tests/gpu/test_eval_vllm.p
             tensor_parallel_size=int(tensor_parallel_size),
         )
         self._params = lambda k: SamplingParams(
-            n=k, temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens)
+            n=k, temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens),
+            stop_token_ids=list(self.stop_token_ids),
         )
 
     def generate(self, prompts: list[list[int]], k: int) -> list[list[tuple[list[int], str]]]:
@@ -548,6 +582,8 @@ def _settings(cfg: DictConfig, model_dir: Path) -> dict[str, Any]:
         "top_p": float(cfg.top_p),
         "max_tokens": int(cfg.max_tokens),
         "template": str(cfg.template),
+        "grading": str(cfg.grading),
+        "stops": STOPS,
     }
 
 
@@ -607,13 +643,43 @@ def markdown_table(
 # -------------------------------------------------------------------------------- main
 
 
-def _grade(pool, problem: Problem, responses: list[str], grader_kwargs: dict) -> list[dict]:
-    """Grades one problem's responses with the training reward, in parallel threads."""
+def render_prompt(tokenizer, messages: list[dict], instruction: str | None = None) -> str:
+    """The prompt text: ``messages`` through the chat template (``add_generation_prompt``), said once.
+
+    Qwen2.5-Math's chat template adds "Please reason step by step, and put your final
+    answer within \\boxed{}." as the system message when there is none; the ``boxed``
+    template puts the same sentence in the user turn, so it would appear twice. When the
+    rendered text holds ``instruction`` more than once, it is removed from the user message
+    (the chat template's system message keeps it once) and the messages are rendered again.
+
+    Args:
+        tokenizer: An HF tokenizer with a chat template.
+        messages: Chat messages (``role``, ``content``).
+        instruction: The sentence to keep once (default: :mod:`recipe.data`'s boxed instruction).
+
+    Returns:
+        The rendered prompt text.
+    """
+    instruction = instruction or data_mod.TEMPLATES["boxed"].user.replace("{problem}\n", "")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if text.count(instruction) <= 1:
+        return text
+    fixed = []
+    for m in messages:
+        if m["role"] == "user" and instruction in m["content"]:
+            m = {**m, "content": m["content"].replace("\n" + instruction, "").replace(instruction, "").strip()}
+        fixed.append(m)
+    return tokenizer.apply_chat_template(fixed, add_generation_prompt=True, tokenize=False)
+
+
+def _grade(pool, problem: Problem, responses: list[str], grader_kwargs: dict, grading: str = "strict") -> list[dict]:
+    """Grades one problem's responses with the training reward (``grading_mode=grading``) in parallel threads."""
     from recipe.reward.math_reward import compute_score
 
+    extra = {"error": problem.tolerance} if problem.tolerance is not None else None
     futures = [
         pool.submit(compute_score, data_source=problem.benchmark, solution_str=r, ground_truth=problem.gold,
-                    **grader_kwargs)
+                    extra_info=extra, grading_mode=grading, **grader_kwargs)
         for r in responses
     ]
     return [f.result() for f in futures]
@@ -644,7 +710,7 @@ def _open_out_dir(out_dir: Path, settings: dict[str, Any], k: int, resume: bool)
 
 def _make_backend(cfg: DictConfig, name: str, model_dir: Path, tokenizer):
     if name == "vllm":  # pragma: no cover - GPU only
-        return VLLMBackend(model_dir, cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.seed,
+        return VLLMBackend(model_dir, tokenizer, cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.seed,
                            **OmegaConf.to_container(cfg.vllm))
     return HFBackend(model_dir, tokenizer, cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.batch_size, cfg.seed,
                      cfg.hf_dtype, cfg.hf_num_threads)
@@ -660,6 +726,7 @@ def _generate_and_grade(
     batch_size: int,
     grader_kwargs: dict,
     samples_path: Path,
+    grading: str = "strict",
 ) -> tuple[int, int]:
     """Samples k responses for every problem not in ``done``, grades them, appends the lines.
 
@@ -678,16 +745,14 @@ def _generate_and_grade(
                 pending = [p for p in problems[bench] if (bench, p.index) not in done]
                 for c0 in range(0, len(pending), per_chunk):
                     chunk = pending[c0 : c0 + per_chunk]
-                    texts = [tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False)
-                             for p in chunk]
-                    ids = [tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=True,
-                                                         return_dict=False) for p in chunk]
+                    texts = [render_prompt(tokenizer, p.messages) for p in chunk]
+                    ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
                     t0 = time.monotonic()
                     generated = backend.generate(ids, k)
                     chunk_tokens = sum(len(r) for samples in generated for r, _ in samples)
                     for p, text, prompt_ids, samples in zip(chunk, texts, ids, generated):
                         responses = [tokenizer.decode(r, skip_special_tokens=True) for r, _ in samples]
-                        grades = _grade(pool, p, responses, grader_kwargs)
+                        grades = _grade(pool, p, responses, grader_kwargs, grading)
                         for s, ((resp_ids, reason), resp, g) in enumerate(zip(samples, responses, grades)):
                             rec = {"benchmark": bench, "index": p.index, "problem_id": p.problem_id, "sample": s,
                                    "prompt": text, "response": resp, "pred": g.get("pred", ""), "gold": p.gold}
@@ -770,7 +835,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         backend = _make_backend(cfg, backend_name, model_dir, tokenizer)
         grader_kwargs = OmegaConf.to_container(cfg.grader) if cfg.grader else {}
         new_samples, new_tokens = _generate_and_grade(
-            benches, problems, done, backend, tokenizer, k, int(cfg.batch_size), grader_kwargs, out_dir / SAMPLES_FILE
+            benches, problems, done, backend, tokenizer, k, int(cfg.batch_size), grader_kwargs, out_dir / SAMPLES_FILE,
+            str(cfg.grading),
         )
     wall = time.monotonic() - start
 
@@ -794,7 +860,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     header = (
         f"# Evaluation: {model_dir}\n\n"
         f"k = {k} samples per problem, temperature {cfg.temperature}, top-p {cfg.top_p}, "
-        f"{cfg.max_tokens} new tokens, template `{cfg.template}`, backend `{backend_name}`. "
+        f"{cfg.max_tokens} new tokens, template `{cfg.template}`, grading `{cfg.grading}`, backend `{backend_name}`. "
         f"avg@{k}: mean accuracy of the k samples; pass@j: unbiased estimator (Chen et al. 2021); "
         f"`{AVERAGE}`: unweighted mean over the benchmarks.\n\n"
     )

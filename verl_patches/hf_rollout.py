@@ -33,10 +33,19 @@ float32 bits (left padding changes the matmul shapes), which can flip a draw onl
 near-tie. Requests without a seed get one from the server's generator (seeded by
 ``rollout.seed + replica``).
 
-Log-prob semantics: log-softmax of the logits divided by the sampling temperature
-(temperature 1 when greedy), before top-k / top-p masking. This is what verl's actor
-computes for ``old_log_prob``, so ``training/rollout_probs_diff_*`` measures only the
-weight-sync and numerical difference.
+Log-prob semantics (``rollout.logprobs_mode``, as verl's vLLM server): with
+``processed_logprobs`` (verl's default) the log-softmax of the logits after temperature,
+top-k and top-p (the distribution the token was drawn from: renormalised over the nucleus,
+so with top-p < 1 they are >= the actor's recomputed ``old_log_prob`` and the fresh-row
+weight pi_old / mu is <= 1, as on a GPU); with ``raw_logprobs`` the log-softmax of the
+logits divided by the temperature (temperature 1 when greedy), before top-k / top-p: what
+verl's actor computes for ``old_log_prob``, so ``training/rollout_probs_diff_*`` measures
+only the weight-sync and numerical difference (vLLM's ``raw_logprobs`` also leaves out the
+temperature). With top-k off and top-p = 1 the two are equal.
+
+Stop tokens: a response ends at the first of the model's EOS ids (generation config and
+tokenizer) and the chat template's end-of-turn token (``<|im_end|>`` for ChatML; see
+:func:`turn_stop_token_ids`), plus any ``stop_token_ids`` of the request.
 """
 
 from __future__ import annotations
@@ -73,6 +82,82 @@ class _LogProbRecorder:
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self.last = torch.log_softmax(scores.float() / self.temperature, dim=-1)
         return scores
+
+
+#: End-of-turn tokens of common chat templates; one counts as a stop token when it is a
+#: single token of the tokenizer and its chat template writes it.
+TURN_END_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+#: ``rollout.logprobs_mode`` values this backend implements.
+LOGPROBS_MODES: tuple[str, ...] = ("processed_logprobs", "raw_logprobs")
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value if v is not None]
+    return [int(value)]
+
+
+def turn_stop_token_ids(tokenizer, eos_token_id: Any = None) -> list[int]:
+    """The ids that end an assistant turn: EOS ids plus the chat template's end-of-turn token.
+
+    A base model's generation config and tokenizer often name only its pre-training EOS
+    (Qwen2.5 base: ``<|endoftext|>``, id 151643), while its ChatML chat template ends
+    every turn with ``<|im_end|>`` (151645): without that stop a sample runs on into an
+    invented next turn. The Qwen2.5-Math evaluation stops on both.
+
+    Args:
+        tokenizer: An HF tokenizer (``eos_token_id``, ``chat_template``,
+            ``convert_tokens_to_ids``, ``unk_token_id``), or None.
+        eos_token_id: The generation config's ``eos_token_id`` (an id, a list, or None).
+
+    Returns:
+        The ids in order (generation config EOS, tokenizer EOS, end-of-turn tokens of
+        :data:`TURN_END_TOKENS` that are single tokens of the tokenizer and appear in its
+        chat template), without duplicates. Empty when nothing defines one.
+    """
+    ids = _as_id_list(eos_token_id)
+    if tokenizer is not None:
+        ids += _as_id_list(getattr(tokenizer, "eos_token_id", None))
+        template = getattr(tokenizer, "chat_template", None)
+        if isinstance(template, dict):
+            template = " ".join(str(v) for v in template.values())
+        unk = getattr(tokenizer, "unk_token_id", None)
+        for tok in TURN_END_TOKENS:
+            if template is not None and tok not in str(template):
+                continue
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid >= 0 and tid != unk:
+                ids.append(tid)
+    return list(dict.fromkeys(ids))
+
+
+def processed_log_probs(logits: torch.Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0) -> torch.Tensor:
+    """``log_softmax`` of ``logits`` after temperature, top-k and top-p (vLLM's ``processed_logprobs``).
+
+    Args:
+        logits: ``[B, V]`` float logits.
+        temperature: Sampling temperature (<= 0: greedy, treated as 1).
+        top_k: Keep the k most likely tokens (<= 0: off).
+        top_p: Keep the smallest set of most likely tokens with mass >= top_p (1: off).
+
+    Returns:
+        ``[B, V]`` float32 log-probs in nats; tokens outside the kept set are ``-inf``.
+        Example: logits ``[2, 1, 0, -1]``, T = 1, top-p 0.7 keeps tokens 0 and 1 (0.644 <
+        0.7 <= 0.881), so token 0 gets ``log(e^2 / (e^2 + e^1)) = -0.3133``.
+    """
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = logits.float()
+    if temperature > 0:
+        scores = TemperatureLogitsWarper(float(temperature))(None, scores)
+    if top_k > 0:
+        scores = TopKLogitsWarper(int(top_k))(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(float(top_p))(None, scores)
+    return torch.log_softmax(scores, dim=-1)
 
 
 class _GumbelNoise:
@@ -129,6 +214,7 @@ def _sampling_key(params: dict[str, Any]) -> tuple:
         int(params["max_tokens"]),
         float(params["repetition_penalty"]),
         bool(params["ignore_eos"]),
+        tuple(params.get("stop_token_ids", ())),
     )
 
 
@@ -144,7 +230,7 @@ def normalize_sampling_params(
     Args:
         sampling_params: As sent by verl's agent loop (``temperature``, ``top_p``,
             ``top_k``, ``repetition_penalty``, ``logprobs``, optional ``max_tokens`` /
-            ``max_new_tokens``, ``ignore_eos``).
+            ``max_new_tokens``, ``ignore_eos``, ``stop_token_ids``).
         prompt_len: Number of prompt tokens of this request.
         prompt_length: ``rollout.prompt_length``.
         response_length: ``rollout.response_length``.
@@ -152,7 +238,8 @@ def normalize_sampling_params(
 
     Returns:
         A dict with ``temperature``, ``top_p``, ``top_k``, ``max_tokens``,
-        ``repetition_penalty``, ``ignore_eos``, ``logprobs`` and ``seed`` (int or None).
+        ``repetition_penalty``, ``ignore_eos``, ``logprobs``, ``seed`` (int or None) and
+        ``stop_token_ids`` (a sorted tuple of ints, added to the generator's stop ids).
 
     Raises:
         ValueError: if the prompt leaves no room for a single new token, or a value is
@@ -193,6 +280,7 @@ def normalize_sampling_params(
         "ignore_eos": bool(p.get("ignore_eos", False)),
         "logprobs": bool(p.get("logprobs", False)),
         "seed": None if seed is None else int(seed),
+        "stop_token_ids": tuple(sorted({int(t) for t in (p.get("stop_token_ids") or ())})),
     }
 
 
@@ -201,14 +289,23 @@ class HFGenerator:
 
     Args:
         model: An HF ``PreTrainedModel`` (eval mode, CPU).
-        eos_token_ids: Token ids that end a response.
+        eos_token_ids: Token ids that end a response (:func:`turn_stop_token_ids`).
         pad_token_id: Id used for left padding.
+        logprobs_mode: ``"raw_logprobs"`` (default here): log-softmax of logits / T before
+            top-k / top-p; ``"processed_logprobs"``: after them (:func:`processed_log_probs`,
+            verl's vLLM default). See the module doc.
+
+    Raises:
+        ValueError: Unknown ``logprobs_mode``.
     """
 
-    def __init__(self, model, eos_token_ids: list[int], pad_token_id: int):
+    def __init__(self, model, eos_token_ids: list[int], pad_token_id: int, logprobs_mode: str = "raw_logprobs"):
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
         self.model = model
         self.eos_token_ids = list(dict.fromkeys(int(t) for t in eos_token_ids))
         self.pad_token_id = int(pad_token_id)
+        self.logprobs_mode = logprobs_mode
 
     @torch.no_grad()
     def generate_batch(
@@ -247,10 +344,10 @@ class HFGenerator:
         seeded = not greedy and seeds is not None
         if seeded and len(seeds) != batch:
             raise ValueError(f"{len(seeds)} seeds for {batch} prompts")
+        processed = self.logprobs_mode == "processed_logprobs" and not greedy
         recorder = _LogProbRecorder(params["temperature"])
-        gatherer = _LogProbGatherer(recorder)
         processors: list = [recorder]
-        if seeded:  # HF's warpers run only when sampling: apply them here, then the row-wise noise
+        if seeded or processed:  # apply the warpers here (HF's run only in its sampling path)
             from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
             processors.append(TemperatureLogitsWarper(params["temperature"]))
@@ -258,14 +355,20 @@ class HFGenerator:
                 processors.append(TopKLogitsWarper(params["top_k"]))
             if params["top_p"] < 1.0:
                 processors.append(TopPLogitsWarper(params["top_p"]))
-            processors.append(_GumbelNoise(seeds))
+            if processed:  # log-softmax of the processed scores (temperature already applied)
+                recorder = _LogProbRecorder(1.0)
+                processors.append(recorder)
+            if seeded:
+                processors.append(_GumbelNoise(seeds))
+        gatherer = _LogProbGatherer(recorder)
+        stop_ids = list(dict.fromkeys(self.eos_token_ids + [int(t) for t in params.get("stop_token_ids", ())]))
         gen_kwargs: dict[str, Any] = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
             max_new_tokens=params["max_tokens"],
             do_sample=not greedy and not seeded,
             pad_token_id=self.pad_token_id,
-            eos_token_id=None if params["ignore_eos"] else self.eos_token_ids,
+            eos_token_id=None if params["ignore_eos"] else stop_ids,
             logits_processor=LogitsProcessorList(processors),
             stopping_criteria=StoppingCriteriaList([gatherer]),
             use_cache=True,
@@ -274,6 +377,8 @@ class HFGenerator:
         )
         if greedy or seeded:
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        elif processed:  # our warpers above; HF's must be no-ops (not the model's defaults)
+            gen_kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
         else:
             gen_kwargs.update(
                 temperature=params["temperature"],
@@ -285,7 +390,7 @@ class HFGenerator:
         out = self.model.generate(**gen_kwargs)
         new_tokens = out[:, width:]
         logprobs = torch.stack(gatherer.steps, dim=1) if gatherer.steps else torch.zeros((batch, 0))
-        eos = set(self.eos_token_ids) if not params["ignore_eos"] else set()
+        eos = set(stop_ids) if not params["ignore_eos"] else set()
         results = []
         for i in range(batch):
             ids = new_tokens[i].tolist()
@@ -340,19 +445,21 @@ class HFRolloutServer:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
         self.model.eval()
         tokenizer = model_config.tokenizer
-        eos_ids: list[int] = []
+        ge = None
         try:
-            gen_cfg = GenerationConfig.from_pretrained(path)
-            ge = gen_cfg.eos_token_id
-            eos_ids += list(ge) if isinstance(ge, (list, tuple)) else ([ge] if ge is not None else [])
+            ge = GenerationConfig.from_pretrained(path).eos_token_id
         except OSError:
             pass
-        if tokenizer is not None and tokenizer.eos_token_id is not None:
-            eos_ids.append(tokenizer.eos_token_id)
+        eos_ids = turn_stop_token_ids(tokenizer, ge)
         if not eos_ids:
             raise ValueError(f"model at {path} defines no eos token id (tokenizer or generation_config.json)")
         pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else eos_ids[0]
-        self.generator = HFGenerator(self.model, eos_ids, pad)
+        logprobs_mode = str(getattr(config, "logprobs_mode", None) or "processed_logprobs")
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(
+                f"rollout.logprobs_mode={logprobs_mode!r} is not supported by the hf backend; use one of {LOGPROBS_MODES}"
+            )
+        self.generator = HFGenerator(self.model, eos_ids, pad, logprobs_mode)
         self._weights_lock = threading.Lock()
         self._pending: list[_Request] = []
         self._batcher: Optional[asyncio.Task] = None

@@ -56,6 +56,7 @@ __all__ = [
     "NOT_FOUND",
     "TOO_LONG",
     "find_last_box",
+    "harness_answer",
     "last_boxed",
     "match_brace",
 ]
@@ -229,3 +230,63 @@ def last_boxed(text: str | None) -> str | None:
         return None
     res = find_last_box(text)
     return res.strip() if isinstance(res, str) else None
+
+
+# ---------------------------------------------------------------------------------------
+# The Qwen2.5-Math evaluation harness's extraction (grading mode "harness")
+# ---------------------------------------------------------------------------------------
+
+_HARNESS_NUMBER_RE = re.compile(r"-?\d*\.?\d+")
+#: Characters scanned for the "the answer is" / last-number fallbacks (untrusted text).
+HARNESS_TAIL_CHARS = 3000
+
+
+def harness_answer(text: str | None, max_chars: int | None = 1000) -> str | None:
+    """The final answer as the Qwen2.5-Math evaluation harness extracts it (``parser.extract_answer``).
+
+    In order: the last box (:func:`find_last_box`, as in strict mode); else the text after
+    the last ``"he answer is"`` (``The answer is`` / ``the answer is``), else after the
+    last ``"final answer is"``; else the last number of the text (regex ``-?\\d*\\.?\\d+``
+    with commas removed). Only the last :data:`HARNESS_TAIL_CHARS` characters are searched
+    for the fallbacks. Then Qwen's clean-up: newlines with their indentation removed, a
+    leading ``:`` and a trailing ``.`` or ``/`` dropped, and an answer wrapped in one
+    ``$...$`` pair unwrapped.
+
+    Source: QwenLM/Qwen2.5-Math, ``evaluation/parser.py`` (``extract_answer``, also used
+    by hkust-nlp/simpleRL-reason's ``math_eval``).
+
+    Args:
+        text: The model response (untrusted).
+        max_chars: Answers longer than this give None (the grader's length cap).
+
+    Returns:
+        The answer (stripped), or None when nothing is found (or it is empty / too long).
+    """
+    if not isinstance(text, str) or not text.strip():
+        return None
+    box = find_last_box(text, max_chars)
+    if box is TOO_LONG:
+        return None
+    if isinstance(box, str):
+        pred = box
+    else:
+        tail = text[-HARNESS_TAIL_CHARS:]
+        pred = None
+        for marker in ("he answer is", "final answer is"):
+            i = tail.rfind(marker)
+            if i >= 0:
+                pred = tail[i + len(marker) :]
+                break
+        if pred is None:
+            nums = _HARNESS_NUMBER_RE.findall(tail.replace(",", ""))
+            pred = nums[-1] if nums else ""
+    pred = re.sub(r"\n\s*", "", pred).strip()
+    if pred.startswith(":"):
+        pred = pred[1:].strip()
+    while pred and pred[-1] in "./":
+        pred = pred[:-1].rstrip()
+    if len(pred) > 1 and pred.startswith("$") and pred.endswith("$") and pred.count("$") == 2:
+        pred = pred[1:-1].strip()
+    if not pred or (max_chars is not None and len(pred) > max_chars):
+        return None
+    return pred

@@ -52,14 +52,17 @@ from concurrent.futures import TimeoutError as FuturesTimeoutError
 from decimal import Decimal, InvalidOperation
 from typing import Any, Iterable, Sequence
 
-from recipe.reward.answers import TOO_LONG, find_last_box, last_boxed
+from recipe.reward.answers import TOO_LONG, find_last_box, harness_answer, last_boxed
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "check_caps",
+    "GRADING_MODES",
+    "GradeOptions",
     "GradeResult",
     "GraderConfig",
+    "harness_clean",
     "SafeGrader",
     "STATUSES",
     "close_all_graders",
@@ -73,6 +76,127 @@ __all__ = [
 STATUSES: tuple[str, ...] = ("ok", "no_answer", "rejected", "timeout", "error")
 
 _STYLES = ("boxed", "gsm8k")
+
+#: Grading modes: ``strict`` (the training reward's default) and ``harness`` (the
+#: Qwen2.5-Math evaluation harness's conventions); see :class:`GradeOptions`.
+GRADING_MODES: tuple[str, ...] = ("strict", "harness")
+
+#: Relative tolerance of the strict mode's numeric comparison: only float rounding
+#: (``1.1 \times 10^{2}`` is 110.00000000000001 in binary floating point).
+STRICT_REL_TOL = 1e-9
+#: Relative tolerance of the harness mode (Qwen2.5-Math ``grader.numeric_equal``).
+HARNESS_REL_TOL = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class GradeOptions:
+    """How one answer is extracted and compared (per item, not per pool).
+
+    Attributes:
+        mode: ``"strict"`` (default; the training reward): only the last ``\\boxed{}``
+            (GSM8K: or the number after ``####``), math-verify equality (comma lists as
+            sets), numbers equal up to float rounding (relative 1e-9). ``"harness"`` (the
+            Qwen2.5-Math evaluation harness, QwenLM/Qwen2.5-Math ``evaluation/``): the
+            answer from :func:`recipe.reward.answers.harness_answer` (last box, else "the
+            answer is", else the last number); percent signs, ``\\$``, degree signs and
+            a short ``x =`` prefix removed from both sides (``strip_string``); plain numbers
+            equal within a relative 1e-4 of the gold, the gold / 100 or the gold x 100
+            (``math_equal(include_percentage=True)``); comma lists compared element by
+            element in order; other answers by math-verify, then numerically (relative 1e-4).
+        abs_tol: Absolute numeric tolerance of this gold (OlympiadBench's ``error``), in
+            both modes: numeric answers within ``abs_tol * 1.01`` of the gold are correct
+            (OlympiadBench's ``judge.py`` compares ``abs(gold - pred) <= error * 1.01``;
+            in harness mode also against gold / 100 and gold x 100, as OlympiadBench's
+            ``include_percentage``). None: no tolerance.
+
+    Raises:
+        ValueError: Unknown mode, or a negative tolerance.
+    """
+
+    mode: str = "strict"
+    abs_tol: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in GRADING_MODES:
+            raise ValueError(f"unknown grading mode {self.mode!r}; expected one of {GRADING_MODES}")
+        if self.abs_tol is not None and not (float(self.abs_tol) >= 0):
+            raise ValueError(f"abs_tol must be >= 0, got {self.abs_tol!r}")
+
+
+_DEFAULT_OPTIONS = GradeOptions()
+
+_HARNESS_STRIP_RE = re.compile(r"\\%|%|\\\$|\^\s*\{?\s*\\circ\s*\}?|\\!|\\left|\\right")
+_HARNESS_PREFIX_RE = re.compile(r"^\s*[A-Za-z](?:_\{?\w\}?)?\s*=\s*(?!=)")
+_PERCENT_RE = re.compile(r"\\%|%")
+_THOUSANDS_NUMBER_RE = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+")
+
+
+def harness_clean(answer: str) -> str:
+    """The part of Qwen2.5-Math's ``strip_string`` that changes what is graded.
+
+    Removes ``\\%`` / ``%``, ``\\$``, degree signs (``^\\circ``, ``^{\\circ}``),
+    ``\\!``, ``\\left`` / ``\\right`` and a one-letter ``x =`` prefix; ``\\dfrac`` /
+    ``\\tfrac`` become ``\\frac``. ``"10\\%"`` -> ``"10"``, ``"x = 5"`` -> ``"5"``.
+    """
+    s = _HARNESS_STRIP_RE.sub("", answer)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = _HARNESS_PREFIX_RE.sub("", s, count=1)
+    return s.strip()
+
+
+def _harness_number(s: str) -> float | None:
+    """A plain number (thousands commas allowed: ``1,000``; ``5,1`` is not one), else None."""
+    t = s.strip()
+    if not t or len(t) > 200 or not _THOUSANDS_NUMBER_RE.fullmatch(t):
+        return None
+    try:
+        return float(t.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def numbers_close(gold: float, pred: float, options: GradeOptions) -> bool:
+    """Numeric comparison of a numeric gold and answer under ``options`` (see GradeOptions).
+
+    Returns True when ``pred`` is within the mode's relative tolerance of the gold (harness:
+    also of gold / 100 or gold x 100), or within ``abs_tol * 1.01`` of it.
+    """
+    targets = [gold] if options.mode == "strict" else [gold, gold / 100.0, gold * 100.0]
+    rel = STRICT_REL_TOL if options.mode == "strict" else HARNESS_REL_TOL
+    for t in targets:
+        if math.isclose(t, pred, rel_tol=rel, abs_tol=0.0):
+            return True
+        if options.abs_tol is not None and abs(t - pred) <= float(options.abs_tol) * 1.01:
+            return True
+    return False
+
+
+def split_top_level_commas(s: str) -> list[str]:
+    """``"1, (2,3), \\{4,5\\}"`` -> ``["1", "(2,3)", "\\{4,5\\}"]``: commas outside brackets."""
+    parts, depth, cur = [], 0, []
+    i = 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\" and i + 1 < len(s):
+            cur.append(s[i : i + 2])
+            if s[i + 1] in "{[(":
+                depth += 1
+            elif s[i + 1] in "}])":
+                depth -= 1
+            i += 2
+            continue
+        if c in "{[(":
+            depth += 1
+        elif c in "}])":
+            depth -= 1
+        if c == "," and depth == 0:
+            parts.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur).strip())
+    return parts
 
 # ---------------------------------------------------------------------------------------
 # Answer extraction (pure functions, run in the calling process)
@@ -432,26 +556,80 @@ def _worker_init(memory_limit_mb: int | None, gold_cache_size: int) -> None:
     _warm_up_math_verify()  # no-op when forked from the (already warm) forkserver
 
 
-def _worker_grade(pred_text: str, gold: str, soft_timeout_s: int) -> tuple[bool, str]:
-    """Grade one (already extracted and capped) answer in a worker. Returns (correct, status)."""
+def _numeric_value(expr: Any) -> float | None:
+    """A real number for a closed sympy expression (no free symbols), else None (worker side)."""
+    try:
+        import sympy
+
+        if not isinstance(expr, sympy.Expr) or expr.free_symbols:
+            return None
+        v = complex(sympy.N(expr, 20))
+    except Exception:  # noqa: BLE001 - not a number
+        return None
+    if v.imag != 0 or not math.isfinite(v.real):
+        return None
+    return v.real
+
+
+def _worker_equal(gold: str, pred_text: str, soft_timeout_s: int, options: "GradeOptions") -> bool:
+    """math-verify equality, then the numeric comparison of :func:`numbers_close` (worker side).
+
+    Raises:
+        math-verify's TimeoutException, MemoryError or parser errors (handled by the caller).
+    """
     from math_verify import parse, verify
+
+    gold_parsed = _WORKER["parse_gold"](gold, soft_timeout_s)
+    if not gold_parsed:
+        raise _BadGold(gold)
+    pred_parsed = parse(pred_text, parsing_timeout=soft_timeout_s, raise_on_error=True)
+    if not pred_parsed:
+        return False
+    if verify(gold_parsed, pred_parsed, timeout_seconds=soft_timeout_s):
+        return True
+    g, p = _numeric_value(gold_parsed[0]), _numeric_value(pred_parsed[0])
+    return g is not None and p is not None and numbers_close(g, p, options)
+
+
+class _BadGold(Exception):
+    """The gold answer does not parse (status ``error``)."""
+
+
+def _worker_grade(
+    pred_text: str, gold: str, soft_timeout_s: int, options: "GradeOptions | None" = None,
+    pairs: "list[tuple[str, str]] | None" = None,
+) -> tuple[bool, str]:
+    """Grade one (already extracted and capped) answer in a worker. Returns (correct, status).
+
+    ``pairs`` (harness mode, comma lists): ``[(pred_part, gold_part)]`` compared in order;
+    correct iff every pair is (each by number, else math-verify, else numerically).
+    """
     from math_verify.errors import TimeoutException
 
     if not _WORKER:  # initializer not run (should not happen): keep limits anyway
         _worker_init(None, 1024)
+    options = options or _DEFAULT_OPTIONS
     flag: _MathVerifyLogFlag = _WORKER["flag"]
     flag.reset()
     try:
-        gold_parsed = _WORKER["parse_gold"](gold, soft_timeout_s)
-        if not gold_parsed:
-            return False, "error"
-        pred_parsed = parse(pred_text, parsing_timeout=soft_timeout_s, raise_on_error=True)
-        if not pred_parsed:
-            return False, "ok"
-        correct = bool(verify(gold_parsed, pred_parsed, timeout_seconds=soft_timeout_s))
+        if pairs:
+            correct = True
+            for pp, gp in pairs:
+                pn, gn = _harness_number(pp), _harness_number(gp)
+                if pn is not None and gn is not None:
+                    ok = numbers_close(gn, pn, options)
+                else:
+                    ok = _worker_equal(gp, f"\\boxed{{{pp}}}", soft_timeout_s, options)
+                if not ok:
+                    correct = False
+                    break
+        else:
+            correct = _worker_equal(gold, pred_text, soft_timeout_s, options)
     except TimeoutException:
         return False, "timeout"
     except MemoryError:
+        return False, "error"
+    except _BadGold:
         return False, "error"
     except Exception:  # noqa: BLE001 - any parser failure scores 0
         return False, "error"
@@ -799,27 +977,34 @@ class SafeGrader:
 
     # -- preparation in the calling process ---------------------------------------------
 
-    def _prepare(self, pred_text: str, gold: str, style: str) -> GradeResult | tuple:
-        """Extract and cap. Returns a final GradeResult, or (worker_text, gold, pred)."""
+    def _prepare(
+        self, pred_text: str, gold: str, style: str, options: GradeOptions | None = None
+    ) -> GradeResult | tuple:
+        """Extract and cap. Returns a final GradeResult, or (worker_text, gold, pred, options, pairs)."""
         cfg = self.config
         if style not in _STYLES:
             raise ValueError(f"unknown answer style {style!r}; expected one of {_STYLES}")
+        options = options or _DEFAULT_OPTIONS
         text = pred_text if isinstance(pred_text, str) else ("" if pred_text is None else str(pred_text))
         gold = gold if isinstance(gold, str) else str(gold)
         box = find_last_box(text, cfg.max_boxed_chars)
         if box is TOO_LONG:
             return GradeResult(False, "rejected", None, 0.0, "too_long")
+        harness = options.mode == "harness"
         if isinstance(box, str):
             pred = box.strip()
             if not pred:
                 return GradeResult(False, "no_answer", None, 0.0)
             worker_text = f"\\boxed{{{pred}}}"
-        elif style == "gsm8k":
+        elif style == "gsm8k" and gsm8k_answer(text) is not None:
             pred = gsm8k_answer(text)
+            worker_text = f"${pred}$"
+        elif harness:
+            pred = harness_answer(text, cfg.max_boxed_chars)
             if pred is None:
                 return GradeResult(False, "no_answer", None, 0.0)
-            worker_text = f"${pred}$"
-        elif cfg.fallback_unboxed and text.strip():
+            worker_text = f"\\boxed{{{pred}}}"
+        elif style != "gsm8k" and cfg.fallback_unboxed and text.strip():
             pred = None
             worker_text = text[-cfg.max_unboxed_chars :]
         else:
@@ -836,6 +1021,24 @@ class SafeGrader:
             short = None if pred is None else pred[:200]
             return GradeResult(False, "rejected", short, 0.0, reason)
 
+        if harness:
+            pred_c, gold_c = harness_clean(pred), harness_clean(gold)
+            p, g = _harness_number(pred_c), _harness_number(gold_c)
+            if p is not None and g is not None:
+                return GradeResult(numbers_close(g, p, options), "ok", pred, 0.0)
+            gold_parts = split_top_level_commas(gold_c)
+            if len(gold_parts) > 1:
+                pred_parts = split_top_level_commas(pred_c)
+                if len(pred_parts) != len(gold_parts):
+                    return GradeResult(False, "ok", pred, 0.0)  # lists of different lengths
+                return (worker_text, gold_c, pred, options, list(zip(pred_parts, gold_parts)))
+            return (f"\\boxed{{{pred_c}}}", gold_c, pred, options, None)
+
+        if options.abs_tol is not None and pred is not None:
+            p = _harness_number(_PERCENT_RE.sub("", pred))
+            g = _harness_number(_PERCENT_RE.sub("", gold))
+            if p is not None and g is not None and numbers_close(g, p, options):
+                return GradeResult(True, "ok", pred, 0.0)
         if style == "gsm8k":
             # Numeric comparison without sympy: "1,000" == "1000", "72.0" == "72".
             p, g = _plain_number(pred), _plain_number(gold)
@@ -843,7 +1046,7 @@ class SafeGrader:
                 return GradeResult(p == g, "ok", pred, 0.0)
             if g is not None:
                 gold = format(g, "f")
-        return (worker_text, gold, pred)
+        return (worker_text, gold, pred, options, None)
 
     def _finish(self, fut: Future, pred: str | None, t0: float) -> GradeResult:
         try:
@@ -869,21 +1072,24 @@ class SafeGrader:
 
     # -- public grading API ---------------------------------------------------------------
 
-    def grade(self, pred_text: str, gold: str, style: str = "boxed") -> GradeResult:
+    def grade(
+        self, pred_text: str, gold: str, style: str = "boxed", options: GradeOptions | None = None
+    ) -> GradeResult:
         """Grade one response against a gold answer. Safe to call from any thread.
 
         Args:
             pred_text: The untrusted model response.
             gold: The trusted reference answer (bare LaTeX such as ``\\sqrt{12}`` or a number).
             style: ``"boxed"`` or ``"gsm8k"`` (see :func:`extract_answer`).
+            options: Grading mode and tolerance (:class:`GradeOptions`; default strict).
 
         Returns:
             A :class:`GradeResult`. Never raises for bad model output.
         """
-        return self.grade_batch([(pred_text, gold, style)])[0]
+        return self.grade_batch([(pred_text, gold, style, options)])[0]
 
     def grade_batch(self, items: Iterable[Sequence[str]]) -> list[GradeResult]:
-        """Grade many ``(pred_text, gold[, style])`` items.
+        """Grade many ``(pred_text, gold[, style[, options]])`` items (options: :class:`GradeOptions`).
 
         All items are submitted at once so the workers run in parallel. Safe to call from any
         thread. Results are in input order; bad model output never raises.
@@ -893,7 +1099,7 @@ class SafeGrader:
         results: list[GradeResult | None] = [None] * len(items)
         pending: dict[int, list] = {}
         for i, it in enumerate(items):
-            prep = self._prepare(it[0], it[1], _item_style(it))
+            prep = self._prepare(it[0], it[1], _item_style(it), _item_options(it))
             if not isinstance(prep, GradeResult):
                 sub = self._submit(prep)
                 if isinstance(sub, tuple):
@@ -933,14 +1139,16 @@ class SafeGrader:
 
     def _submit(self, prep: tuple) -> tuple[Future, Any] | GradeResult:
         try:
-            return self._schedule(_worker_grade, (prep[0], prep[1], self.config.soft_timeout_int))
+            return self._schedule(_worker_grade, (prep[0], prep[1], self.config.soft_timeout_int, prep[3], prep[4]))
         except Exception as exc:  # noqa: BLE001 - infrastructure failure: score 0, do not raise
             logger.warning("SafeGrader: could not schedule an item: %s", type(exc).__name__)
             return GradeResult(False, "error", prep[2], 0.0, "schedule_failed")
 
-    async def grade_async(self, pred_text: str, gold: str, style: str = "boxed") -> GradeResult:
+    async def grade_async(
+        self, pred_text: str, gold: str, style: str = "boxed", options: GradeOptions | None = None
+    ) -> GradeResult:
         """Asyncio variant of :meth:`grade`: awaits the worker without blocking the loop."""
-        return (await self.grade_batch_async([(pred_text, gold, style)]))[0]
+        return (await self.grade_batch_async([(pred_text, gold, style, options)]))[0]
 
     async def grade_batch_async(self, items: Iterable[Sequence[str]]) -> list[GradeResult]:
         """Asyncio variant of :meth:`grade_batch`."""
@@ -953,7 +1161,7 @@ class SafeGrader:
         results: list[GradeResult | None] = [None] * len(items)
         pending: dict[int, tuple] = {}
         for i, it in enumerate(items):
-            prep = self._prepare(it[0], it[1], _item_style(it))
+            prep = self._prepare(it[0], it[1], _item_style(it), _item_options(it))
             if not isinstance(prep, GradeResult):
                 sub = self._submit(prep)
                 if isinstance(sub, tuple):
@@ -985,14 +1193,20 @@ class SafeGrader:
                 # Rare: restart the pool and retry this item once, off the event loop.
                 self._restart_pool(pool)
                 loop = asyncio.get_running_loop()
-                results[i] = await loop.run_in_executor(None, self.grade, *items[i][:2], _item_style(items[i]))
+                results[i] = await loop.run_in_executor(
+                    None, self.grade, *items[i][:2], _item_style(items[i]), _item_options(items[i])
+                )
                 continue
             results[i] = self._count(self._finish(fut, prep[2], t0))
         return results  # type: ignore[return-value]
 
 
-def _item_style(item: Sequence[str]) -> str:
+def _item_style(item: Sequence[Any]) -> str:
     return item[2] if len(item) > 2 else "boxed"
+
+
+def _item_options(item: Sequence[Any]) -> GradeOptions | None:
+    return item[3] if len(item) > 3 else None
 
 
 def _stop_pool_quietly(pool: Any) -> None:

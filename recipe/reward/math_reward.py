@@ -28,19 +28,28 @@ Sources:
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 try:
-    from recipe.reward.grader import GradeResult, GraderConfig, SafeGrader, get_grader
+    from recipe.reward.grader import GradeOptions, GradeResult, GraderConfig, SafeGrader, get_grader
 except ImportError:  # loaded by file path with the repository root not on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from recipe.reward.grader import GradeResult, GraderConfig, SafeGrader, get_grader
+    from recipe.reward.grader import GradeOptions, GradeResult, GraderConfig, SafeGrader, get_grader
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GSM8K_SOURCES", "compute_score", "compute_score_async", "answer_style", "score_from_result"]
+__all__ = [
+    "GSM8K_SOURCES",
+    "answer_style",
+    "compute_score",
+    "compute_score_async",
+    "grade_options",
+    "gold_tolerance",
+    "score_from_result",
+]
 
 #: ``data_source`` values graded GSM8K-style (numeric answer after ``####`` or in a box).
 GSM8K_SOURCES = frozenset({"gsm8k", "openai/gsm8k"})
@@ -114,6 +123,43 @@ def score_from_result(
     }
 
 
+def gold_tolerance(extra_info: Any) -> float | None:
+    """The gold's absolute numeric tolerance: ``extra_info["error"]`` (OlympiadBench, e.g. ``"1e-1"``).
+
+    Returns:
+        The tolerance as a float, or None when there is none (missing, null, empty) or it
+        is not a non-negative number (logged once).
+    """
+    if not isinstance(extra_info, dict):
+        try:
+            extra_info = dict(extra_info) if extra_info is not None else None
+        except (TypeError, ValueError):
+            return None
+    err = (extra_info or {}).get("error")
+    if err is None or (isinstance(err, str) and not err.strip()):
+        return None
+    try:
+        tol = float(err)
+    except (TypeError, ValueError):
+        tol = -1.0
+    if not tol >= 0 or math.isinf(tol):
+        key = f"error={err!r}"
+        if key not in _warned_unknown:
+            _warned_unknown.add(key)
+            logger.warning("compute_score: ignoring extra_info error %r (not a non-negative number)", err)
+        return None
+    return tol
+
+
+def grade_options(grading_mode: str, extra_info: Any) -> GradeOptions:
+    """:class:`GradeOptions` of one call: the mode and the gold's tolerance (:func:`gold_tolerance`).
+
+    Raises:
+        ValueError: Unknown grading mode.
+    """
+    return GradeOptions(mode=str(grading_mode), abs_tol=gold_tolerance(extra_info))
+
+
 def _prepare_call(
     data_source: Any, ground_truth: Any, reward_kwargs: dict[str, Any]
 ) -> tuple[SafeGrader, str, list[str]]:
@@ -131,6 +177,7 @@ def compute_score(
     format_reward: float = 0.0,
     format_penalty: float = 0.0,
     pred_max_chars: int = 100,
+    grading_mode: str = "strict",
     **reward_kwargs: Any,
 ) -> dict[str, Any]:
     """Score one response with a rule-based math reward (verl ``custom_reward_function``).
@@ -151,7 +198,9 @@ def compute_score(
             extraction, anything else ``\\boxed{}`` extraction.
         solution_str: The decoded model response (untrusted).
         ground_truth: The reference answer (LaTeX or number), or a list of acceptable ones.
-        extra_info: Unused (accepted for verl's signature).
+        extra_info: The row's ``extra_info``; its ``error`` (OlympiadBench's numeric
+            tolerance, e.g. ``"1e-1"``) is honoured in both grading modes (a numeric answer
+            within ``error * 1.01`` of the gold is correct, :class:`GradeOptions`).
         correct_reward: Score of a correct answer.
         incorrect_reward: Score of an incorrect, missing, rejected or timed-out answer.
         format_reward: Optional format bonus, off by default: added when the response has an
@@ -160,6 +209,10 @@ def compute_score(
         format_penalty: Optional, off by default: subtracted when no final answer can be
             extracted.
         pred_max_chars: Truncation of the ``pred`` string reported back to verl.
+        grading_mode: ``"strict"`` (default, the training reward) or ``"harness"`` (the
+            Qwen2.5-Math evaluation harness's extraction fallbacks, percent handling,
+            relative 1e-4 numeric tolerance and ordered lists; see
+            :class:`recipe.reward.grader.GradeOptions`).
         **reward_kwargs: Grader options (fields of
             :class:`recipe.reward.grader.GraderConfig`): ``num_workers`` (2),
             ``soft_timeout_s`` (3), ``hard_timeout_s`` (None: 2*soft+2), ``memory_limit_mb``
@@ -174,9 +227,9 @@ def compute_score(
         "grader_error": 0|1, "grader_rejected": 0|1, "pred": str}``; ``acc`` is 1.0 iff the
         answer is correct, independently of the reward range.
     """
-    del extra_info
+    options = grade_options(grading_mode, extra_info)
     grader, style, golds = _prepare_call(data_source, ground_truth, reward_kwargs)
-    results = grader.grade_batch([(solution_str, g, style) for g in golds])
+    results = grader.grade_batch([(solution_str, g, style, options) for g in golds])
     return score_from_result(
         _combine(results),
         correct_reward=correct_reward,
@@ -197,6 +250,7 @@ async def compute_score_async(
     format_reward: float = 0.0,
     format_penalty: float = 0.0,
     pred_max_chars: int = 100,
+    grading_mode: str = "strict",
     **reward_kwargs: Any,
 ) -> dict[str, Any]:
     """Coroutine variant of :func:`compute_score` (same arguments and result).
@@ -205,9 +259,9 @@ async def compute_score_async(
     a thread; the grading still happens in worker processes and the loop is never blocked
     (apart from the first call, which starts the pool).
     """
-    del extra_info
+    options = grade_options(grading_mode, extra_info)
     grader, style, golds = _prepare_call(data_source, ground_truth, reward_kwargs)
-    results = await grader.grade_batch_async([(solution_str, g, style) for g in golds])
+    results = await grader.grade_batch_async([(solution_str, g, style, options) for g in golds])
     return score_from_result(
         _combine(results),
         correct_reward=correct_reward,
