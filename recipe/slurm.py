@@ -288,24 +288,48 @@ def _resources(num_cpus: int | None, num_gpus: int | None) -> list[str]:
     return out
 
 
-def ray_head_command(ray: str, node_ip: str, port: int, num_cpus: int | None, num_gpus: int | None) -> list[str]:
+def ray_temp_dir(env: Mapping[str, str] | None = None, node_rank: int | None = None) -> str | None:
+    """Ray's temp dir for a node of this job: ``$RECIPE_RAY_TEMP_DIR/n<node_rank>`` (None when
+    the variable is unset: Ray's ``/tmp/ray``).
+
+    Needed where several "nodes" share one ``/tmp`` (the namespaces of ``scripts/netns.sh``
+    in ``tests/multinode``): ``ray start`` records its cluster in
+    ``<temp dir>/ray_current_cluster``, and any plain ``ray.init()`` on the machine would
+    join that cluster instead of starting its own; one folder per node keeps each node's
+    session (sockets, logs) its own, as on separate machines. Keep it short (Ray's socket
+    paths live under it and a Unix socket path has at most 107 characters).
+    """
+    env = os.environ if env is None else env
+    base = env.get("RECIPE_RAY_TEMP_DIR") or None
+    if base is None or node_rank is None:
+        return base
+    return os.path.join(base, f"n{node_rank}")
+
+
+def _temp_dir_flag(temp_dir: str | None) -> list[str]:
+    return [f"--temp-dir={temp_dir}"] if temp_dir else []
+
+
+def ray_head_command(ray: str, node_ip: str, port: int, num_cpus: int | None, num_gpus: int | None,
+                     temp_dir: str | None = None) -> list[str]:
     """``ray start --head --block`` on node rank 0.
 
     ``--block`` keeps the command running as the owner of this node's Ray processes (its
     own process group, with Ray's reaper), so stopping it stops exactly this cluster's
     processes, never another job's (``ray stop`` would kill every Ray on the node).
     ``num_cpus`` / ``num_gpus`` None let Ray detect them (GPUs from
-    ``CUDA_VISIBLE_DEVICES``, which Slurm sets to the allocated ones).
+    ``CUDA_VISIBLE_DEVICES``, which Slurm sets to the allocated ones). ``temp_dir``: see
+    :func:`ray_temp_dir` (None: Ray's default).
     """
     return [ray, "start", "--head", f"--node-ip-address={node_ip}", f"--port={port}",
-            *_resources(num_cpus, num_gpus), "--block", "--disable-usage-stats"]
+            *_resources(num_cpus, num_gpus), *_temp_dir_flag(temp_dir), "--block", "--disable-usage-stats"]
 
 
 def ray_worker_command(ray: str, address: str, node_ip: str, num_cpus: int | None,
-                       num_gpus: int | None) -> list[str]:
+                       num_gpus: int | None, temp_dir: str | None = None) -> list[str]:
     """``ray start --address=<head> --block`` on every other node (runs while the cluster lives)."""
     return [ray, "start", f"--address={address}", f"--node-ip-address={node_ip}",
-            *_resources(num_cpus, num_gpus), "--block", "--disable-usage-stats"]
+            *_resources(num_cpus, num_gpus), *_temp_dir_flag(temp_dir), "--block", "--disable-usage-stats"]
 
 
 def ray_token_path(env: Mapping[str, str], job_id: str, home: Path | None = None) -> Path:
@@ -487,7 +511,8 @@ def _wait_for_nodes(address: str, n: int, timeout_s: float) -> None:
         while True:
             alive = [x for x in ray.nodes() if x.get("Alive")]
             if len(alive) >= n:
-                logger.info("Ray cluster at %s: %d/%d nodes", address, len(alive), n)
+                logger.info("Ray cluster at %s: %d/%d nodes alive (%s)", address, len(alive), n,
+                            ", ".join(sorted(x["NodeManagerAddress"] for x in alive)))
                 return
             if time.monotonic() > end:
                 raise RuntimeError(
@@ -499,7 +524,35 @@ def _wait_for_nodes(address: str, n: int, timeout_s: float) -> None:
         ray.shutdown()  # verl's run_ppo calls ray.init itself, with its runtime_env
 
 
-def _run_worker(cmd: list[str], head_ip: str, port: int, timeout_s: float, poll_s: float = 5.0) -> None:
+def _lost_nodes(address: str, hosts: Mapping[str, str], settle_s: float = 10.0) -> list[str]:
+    """Nodes of the cluster at ``address`` that Ray marks dead, as ``"<ip> (<hostname>)"``.
+
+    Called on the head after the trainer failed, to name a lost node in the job's log.
+    A node whose raylet died is marked dead by the GCS within its health-check period, which
+    may come after the trainer already failed (its workers there died first): the check is
+    repeated for up to ``settle_s`` seconds while none is dead. Never raises (returns []).
+    """
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            end = time.monotonic() + settle_s
+            while True:
+                dead = sorted({x["NodeManagerAddress"] for x in ray.nodes() if not x.get("Alive")})
+                if dead or time.monotonic() > end:
+                    return [f"{ip} ({hosts[ip]})" if ip in hosts else ip for ip in dead]
+                time.sleep(1.0)
+        finally:
+            ray.shutdown()
+    except Exception as e:  # the GCS may be gone too: the original error matters more
+        logger.warning("could not ask the Ray head which nodes were lost: %s", e)
+        return []
+
+
+def _run_worker(cmd: list[str], head_ip: str, port: int, timeout_s: float, poll_s: float = 5.0,
+                temp_dir: str | None = None) -> None:
     """Join the head (waiting for it to come up) and serve until the head goes away."""
     _wait_for_head(None, head_ip, port, timeout_s)
     proc = _start_ray_node(cmd)
@@ -518,16 +571,16 @@ def _run_worker(cmd: list[str], head_ip: str, port: int, timeout_s: float, poll_
                                "(its output is above)")
     finally:
         _stop_ray_node(proc)
-        _forget_ray_address(port)
+        _forget_ray_address(port, temp_dir)
 
 
-def _forget_ray_address(port: int, temp_dir: str = "/tmp/ray") -> None:
+def _forget_ray_address(port: int, temp_dir: str | None = None) -> None:
     """Remove the node's ``ray_current_cluster`` file if it names our (now stopped) cluster.
 
     ``ray start`` records its cluster there, and a later plain ``ray.init()`` on the node
     (the next job's) would try to join that dead cluster instead of starting its own.
     """
-    path = Path(temp_dir) / "ray_current_cluster"
+    path = Path(temp_dir or "/tmp/ray") / "ray_current_cluster"
     try:
         recorded = path.read_text().strip()
     except OSError:
@@ -599,16 +652,18 @@ def ray_cluster_for_allocation(cfg: DictConfig, env: Mapping[str, str] | None = 
     num_cpus, num_gpus = node_resources(cfg, alloc)
     timeout_s = float(env.get("RECIPE_RAY_JOIN_TIMEOUT", DEFAULT_JOIN_TIMEOUT_S))
     ray = _ray_bin()
+    temp_dir = ray_temp_dir(env, alloc.node_rank)
     token_path = ray_token_path(env, alloc.job_id)
     if not alloc.is_head:
         _use_ray_token(_read_token(token_path, timeout_s))
-        _run_worker(ray_worker_command(ray, address, node_ip, num_cpus, num_gpus), head_ip, port, timeout_s)
+        _run_worker(ray_worker_command(ray, address, node_ip, num_cpus, num_gpus, temp_dir), head_ip, port,
+                    timeout_s, temp_dir=temp_dir)
         yield NodeRole("worker", False, address)
         return
 
     # this process and its children: the `ray start` child, and verl's ray.init later
     _use_ray_token(_write_token(token_path))
-    proc = _start_ray_node(ray_head_command(ray, node_ip, port, num_cpus, num_gpus))
+    proc = _start_ray_node(ray_head_command(ray, node_ip, port, num_cpus, num_gpus, temp_dir))
     try:
         _wait_for_head(proc, head_ip, port, timeout_s)
         _wait_for_nodes(address, alloc.num_nodes, timeout_s)
@@ -618,8 +673,12 @@ def ray_cluster_for_allocation(cfg: DictConfig, env: Mapping[str, str] | None = 
         # say why before stopping Ray: a driver still attached to a stopped cluster can be
         # aborted by Ray before Python prints the traceback
         logger.exception("stopping the Ray cluster after an error")
+        lost = _lost_nodes(address, {socket.gethostbyname(h): h for h in alloc.hostnames})
+        if lost:
+            logger.error("Ray node(s) lost during the run: %s", ", ".join(lost))
+            print(f"[recipe] error: Ray node(s) lost during the run: {', '.join(lost)}", file=sys.stderr, flush=True)
         raise
     finally:
         _stop_ray_node(proc)
-        _forget_ray_address(port)
+        _forget_ray_address(port, temp_dir)
         token_path.unlink(missing_ok=True)

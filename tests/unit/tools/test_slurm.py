@@ -239,10 +239,14 @@ class Recorder:
         monkeypatch.setattr(slurm, "_stop_ray_node", lambda proc: self.calls.append(("stop", proc)))
         monkeypatch.setattr(slurm, "_wait_for_head", lambda proc, ip, port, t: self.calls.append(("head up", ip, port)))
         monkeypatch.setattr(slurm, "_wait_for_nodes", lambda addr, n, t: self.calls.append(("nodes", addr, n)))
-        monkeypatch.setattr(slurm, "_run_worker", lambda cmd, ip, port, t: self.calls.append(("worker", cmd)))
+        monkeypatch.setattr(slurm, "_run_worker", lambda cmd, ip, port, t, temp_dir=None: self.calls.append(("worker", cmd)))
         monkeypatch.setattr(slurm, "_ray_bin", lambda: "ray")
-        monkeypatch.setattr(slurm, "_forget_ray_address", lambda port: self.calls.append(("forget", port)))
+        monkeypatch.setattr(slurm, "_forget_ray_address",
+                            lambda port, temp_dir=None: self.calls.append(("forget", port)))
         monkeypatch.setattr(slurm, "_write_token", lambda path: self.calls.append(("write token", path)) or "tok")
+        self.lost: list[str] = []  # what _lost_nodes reports
+        monkeypatch.setattr(slurm, "_lost_nodes", lambda addr, hosts: self.calls.append(("lost?", addr, dict(hosts)))
+                            or self.lost)
         monkeypatch.setattr(slurm, "_read_token", lambda path, t: self.calls.append(("read token", path)) or "tok")
         for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # restored after the test
             monkeypatch.setenv(key, "unset")
@@ -309,7 +313,17 @@ def test_head_stops_ray_when_training_fails(monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         with ray_cluster_for_allocation(_trainer_cfg(nnodes=2), env={**ENV2, "SLURM_NODEID": "0"}):
             raise RuntimeError("boom")
-    assert rec.calls[-2:] == [("stop", "proc"), ("forget", 6379)]
+    assert rec.calls[-3:] == [("lost?", "10.0.0.7:6379", {"10.0.0.7": "gpu07", "10.0.0.8": "gpu08"}),
+                              ("stop", "proc"), ("forget", 6379)]
+
+
+def test_head_names_a_lost_node_when_training_fails(monkeypatch, capsys):
+    rec = Recorder(monkeypatch)
+    rec.lost = ["10.0.0.8 (gpu08)"]
+    with pytest.raises(RuntimeError, match="actor died"):
+        with ray_cluster_for_allocation(_trainer_cfg(nnodes=2), env={**ENV2, "SLURM_NODEID": "0"}):
+            raise RuntimeError("actor died")
+    assert "[recipe] error: Ray node(s) lost during the run: 10.0.0.8 (gpu08)" in capsys.readouterr().err
 
 
 def test_worker_joins_and_does_not_train(monkeypatch):
@@ -322,6 +336,24 @@ def test_worker_joins_and_does_not_train(monkeypatch):
                          ("worker", ["ray", "start", "--address=10.0.0.7:7001", "--node-ip-address=10.0.0.8",
                                      "--num-cpus=8", "--num-gpus=1", "--block", "--disable-usage-stats"])]
     assert "address" not in cfg.ray_kwargs.ray_init
+
+
+def test_temp_dir_of_every_node_from_recipe_ray_temp_dir(monkeypatch):
+    """RECIPE_RAY_TEMP_DIR reaches both `ray start` commands and the forget step (nodes sharing /tmp)."""
+    rec = Recorder(monkeypatch)
+    forgotten = []
+    monkeypatch.setattr(slurm, "_forget_ray_address", lambda port, temp_dir=None: forgotten.append(temp_dir))
+    env = {**ENV2, "RECIPE_RAY_TEMP_DIR": "/tmp/rmn"}
+    with ray_cluster_for_allocation(_trainer_cfg(nnodes=2), env={**env, "SLURM_NODEID": "0"}):
+        pass
+    with ray_cluster_for_allocation(_trainer_cfg(nnodes=2), env=env):
+        pass
+    head, worker = [c[1] for c in rec.calls if c[0] in ("start", "worker")]
+    # one folder per node: each node's session (sockets, logs) its own
+    assert head[-3:] == ["--temp-dir=/tmp/rmn/n0", "--block", "--disable-usage-stats"]
+    assert worker[-3:] == ["--temp-dir=/tmp/rmn/n1", "--block", "--disable-usage-stats"]
+    assert forgotten == ["/tmp/rmn/n0"]
+    assert slurm.ray_temp_dir({}, 1) is None and slurm.ray_temp_dir({"RECIPE_RAY_TEMP_DIR": ""}, 1) is None
 
 
 def test_mismatched_nnodes_fails_before_starting_anything(monkeypatch):
