@@ -3,7 +3,10 @@
 Used by ``benchmarks/learning.py`` (recipes side by side, issue 6) and the data-efficiency
 benchmark (issue 5); runnable on its own::
 
-    python benchmarks/learning_setup.py [--out artifacts/learning] [--force] [--seed 0]
+    python benchmarks/learning_setup.py [--task add2|spread] [--out artifacts/learning] [--force] [--seed 0]
+
+``--task`` picks a named task (:data:`TASKS`): ``add2`` (default, the learning benchmark)
+or ``spread`` (the data-efficiency benchmark: a difficulty spread in the DOTS + RR regime).
 
 Steps (each skipped when its output already exists in the cache folder; the folder name
 carries a hash of the settings, so changed settings build a new one):
@@ -126,6 +129,21 @@ class LearningSetupConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+#: Named tasks (``--task``). ``add2``: 2-digit addition, the learning benchmark's task
+#: (GRPO's effective ratio is already ~0.8 on it: little for data selection to do).
+#: ``spread``: addition and multiplication of 1- to 4-digit numbers after one warm start,
+#: the data-efficiency benchmark's task in the DOTS + RR paper's regime (measured warm
+#: start, 256 train prompts x 8 samples at T = 1: mean accuracy 0.30, 14 % of the groups
+#: all correct, 56 % all wrong, effective ratio 0.31; multiplication, answered bare, is
+#: nearly always wrong, short additions nearly always right). The question text carries
+#: its difficulty (the operation and the operands' lengths), which is what a difficulty
+#: predictor reading the question can use.
+TASKS: dict[str, LearningSetupConfig] = {
+    "add2": LearningSetupConfig(),
+    "spread": LearningSetupConfig(min_digits=1, max_digits=4, ops=("+", "*"), max_new_tokens=48),
+}
+
+
 @dataclass
 class LearningSetup:
     """What :func:`build_setup` made.
@@ -188,6 +206,80 @@ def measure(model_dir: Path, test: Path, cfg: LearningSetupConfig) -> dict[str, 
     }
 
 
+def summarise_groups(pass_rates: list[float], classes: list[str] | None = None) -> dict:
+    """Shares of all-correct, all-wrong and mixed groups (the effective ratio) of a batch.
+
+    Args:
+        pass_rates: Per prompt, the share of its ``n`` sampled responses graded correct
+            (in ``[0, 1]``; a group is mixed when ``0 < rate < 1``).
+        classes: Optional per-prompt label (e.g. ``"+ 2x3"``) for a per-class breakdown.
+
+    Returns:
+        ``{"prompts", "mean_acc", "all_correct", "all_wrong", "effective_ratio"}`` (shares
+        of prompts) and, with ``classes``, ``"by_class"``: label -> the same keys.
+
+    Raises:
+        ValueError: Empty input, lengths differ or a rate outside ``[0, 1]``.
+    """
+    if not pass_rates:
+        raise ValueError("no pass rates")
+    if classes is not None and len(classes) != len(pass_rates):
+        raise ValueError(f"{len(classes)} classes for {len(pass_rates)} pass rates")
+    if any(not 0.0 <= r <= 1.0 for r in pass_rates):
+        raise ValueError("pass rates must lie in [0, 1]")
+
+    def stats(rates: list[float]) -> dict:
+        n = len(rates)
+        return {
+            "prompts": n,
+            "mean_acc": sum(rates) / n,
+            "all_correct": sum(r == 1.0 for r in rates) / n,
+            "all_wrong": sum(r == 0.0 for r in rates) / n,
+            "effective_ratio": sum(0.0 < r < 1.0 for r in rates) / n,
+        }
+
+    out = stats(list(pass_rates))
+    if classes is not None:
+        by: dict[str, list[float]] = {}
+        for c, r in zip(classes, pass_rates):
+            by.setdefault(c, []).append(r)
+        out["by_class"] = {c: stats(v) for c, v in sorted(by.items())}
+    return out
+
+
+def group_profile(model_dir: Path, split: Path, cfg: LearningSetupConfig, n: int = 8, max_prompts: int = 256) -> dict:
+    """How GRPO's groups look at the start: ``n`` samples (at ``cfg.temperature``) for each of
+    the first ``max_prompts`` prompts of ``split``, graded; :func:`summarise_groups` of the
+    pass rates, by class ``"<op> <digits of a>x<digits of b>"``, plus ``n`` and the seconds."""
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.sft import generate, load_pairs
+    from recipe.reward.grader import get_grader
+    from recipe.reward.math_reward import answer_style
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    pairs = load_pairs(split)[:max_prompts]
+    extra = [r["extra_info"] for r in pq.read_table(split, columns=["extra_info"]).to_pylist()[:max_prompts]]
+    rows = [p for p in pairs for _ in range(n)]
+    state = torch.get_rng_state()
+    try:
+        torch.manual_seed(cfg.seed)
+        responses = generate(model, tok, [r["messages"] for r in rows], cfg.temperature, cfg.max_new_tokens)
+    finally:
+        torch.set_rng_state(state)
+    grades = get_grader().grade_batch(
+        [(resp, r["ground_truth"], answer_style(r["data_source"])) for resp, r in zip(responses, rows)]
+    )
+    rates = [sum(g.correct for g in grades[i * n : (i + 1) * n]) / n for i in range(len(pairs))]
+    classes = [f"{e['op']} {len(str(e['a']))}x{len(str(e['b']))}" for e in extra]
+    return {**summarise_groups(rates, classes), "n": n, "seconds": round(time.perf_counter() - t0, 2)}
+
+
 def token_lengths(model_dir: Path, paths: list[Path]) -> dict[str, int]:
     """Longest prompt (as verl renders it: chat template + generation prompt) and longest
     worked-solution target (+ eos), in tokens, over the given splits."""
@@ -241,6 +333,9 @@ def build_setup(
     if not force and info_path.is_file() and is_complete_model_dir(warm) and all(p.is_file() for p in data.values()):
         info = json.loads(info_path.read_text())
         log(f"reusing {root}")
+        if "group_profile" not in info:  # a cache from before the profile existed
+            info["group_profile"] = group_profile(warm, data["train"], cfg)
+            info_path.write_text(json.dumps(info, indent=2) + "\n")
         return LearningSetup(root, data, base, warm, info)
 
     timings: dict[str, float] = {}
@@ -304,7 +399,16 @@ def build_setup(
         **lengths,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
+    t = time.perf_counter()
+    info["group_profile"] = group_profile(warm, data["train"], cfg)
+    timings["profile_s"] = time.perf_counter() - t
+    info["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     info_path.write_text(json.dumps(info, indent=2) + "\n")
+    gp = info["group_profile"]
+    log(
+        f"groups at the start ({gp['prompts']} train prompts x {gp['n']}): all correct {gp['all_correct']:.2f}, "
+        f"all wrong {gp['all_wrong']:.2f}, effective ratio {gp['effective_ratio']:.2f}"
+    )
     log(
         f"warm start after {res.steps} SFT steps: test accuracy sampled at T={cfg.temperature:g} "
         f"{sampled:.3f}, greedy {acc['acc_greedy']:.3f} ({acc['prompts']} prompts)"
@@ -360,23 +464,32 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(REPO / "artifacts" / "learning"), help="parent of the cache folder")
     p.add_argument("--force", action="store_true", help="rebuild even when cached")
+    p.add_argument("--task", choices=sorted(TASKS), default="add2",
+                   help="named task whose settings are the defaults (flags below override them)")
     d = LearningSetupConfig()
     for f in dataclasses.fields(LearningSetupConfig):
+        # default None: "not given", so the named task's value applies (add2's shown in help).
         if f.name == "ops":
-            p.add_argument("--ops", default="".join(d.ops), help="operations, e.g. '+' (default)")
+            p.add_argument("--ops", default=None, help="operations, e.g. '+*' (add2: '+')")
             continue
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(d, f.name)), default=getattr(d, f.name))
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(d, f.name)), default=None,
+                       help=f"add2: {getattr(d, f.name)}")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: build (or reuse) the setup, print its paths, accuracies and overrides."""
     args = _parser().parse_args(argv)
-    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(LearningSetupConfig)}
-    kwargs["ops"] = tuple(args.ops)
+    base = TASKS[args.task]
+    kwargs = {}
+    for f in dataclasses.fields(LearningSetupConfig):
+        value = getattr(args, f.name)
+        kwargs[f.name] = getattr(base, f.name) if value is None else (tuple(value) if f.name == "ops" else value)
     setup = build_setup(LearningSetupConfig(**kwargs), args.out, force=args.force)
     print(json.dumps({"root": str(setup.root), "test_accuracy": setup.info["test_accuracy"],
-                      "sft_steps": setup.info["sft"]["steps"], "timings_s": setup.info["timings_s"]}, indent=2))
+                      "sft_steps": setup.info["sft"]["steps"], "timings_s": setup.info["timings_s"],
+                      "group_profile": {k: v for k, v in setup.info.get("group_profile", {}).items() if k != "by_class"}},
+                     indent=2))
     print("verl overrides:\n  " + " \\\n  ".join(verl_overrides(setup)))
     print("recommended RL settings:\n  " + " \\\n  ".join(RECOMMENDED_RL_OVERRIDES))
     return 0
