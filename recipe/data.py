@@ -183,10 +183,17 @@ class PromptTemplate:
 #: instruction to the problem in the user message. ``qwen_math_cot`` is the
 #: Qwen2.5-Math evaluation "qwen25-math-cot" prompt: the same instruction as a system
 #: message, the bare problem as the user message. ``plain`` is the bare problem.
+#: ``minimal_rl`` is the Minimalist public code's Numina prompt (RLHFlow/Minimal-RL,
+#: ``scripts/data_preprocess/numina_math.py``): the same system message, and the problem
+#: followed by " Let's think step by step and output the final answer within \boxed{}.".
 TEMPLATES: dict[str, PromptTemplate] = {
     "boxed": PromptTemplate(user="{problem}\n" + _BOXED_INSTRUCTION),
     "qwen_math_cot": PromptTemplate(user="{problem}", system=_BOXED_INSTRUCTION),
     "plain": PromptTemplate(user="{problem}"),
+    "minimal_rl": PromptTemplate(
+        user="{problem} Let's think step by step and output the final answer within \\boxed{}.",
+        system=_BOXED_INSTRUCTION,
+    ),
 }
 
 
@@ -385,11 +392,18 @@ class DatasetSpec:
         extra_keys: Row fields copied into ``extra_info`` when present.
         ground_truth: Row -> ground-truth string (raises ``_SkipRow``).
         problem: Optional row -> problem text function overriding ``problem_keys``.
+        urls: Split -> URL of a file (JSON, JSON lines or parquet) downloaded instead of
+            :func:`datasets.load_dataset` with ``--source hub`` (sets published as one
+            file outside the hub, e.g. Open-Reasoner-Zero's JSON); ``None``: the hub.
+        adapt: Optional raw row -> mapping function applied before anything else (for
+            rows that are not flat records, e.g. ORZ's ``[question turn, answer turn]``
+            pairs); it returns ``None`` for a row of the wrong shape (skipped as
+            ``malformed_row``).
     """
 
     name: str
     splits: dict[str, str]
-    hub_id: str
+    hub_id: str | None
     hub_config: str | None
     hub_splits: dict[str, str]
     problem_keys: tuple[str, ...]
@@ -397,6 +411,8 @@ class DatasetSpec:
     extra_keys: tuple[str, ...]
     ground_truth: Callable[[Mapping[str, Any]], str]
     problem: Callable[[Mapping[str, Any]], Any] | None = None
+    urls: dict[str, str] | None = None
+    adapt: Callable[[Any], Any] | None = None
 
 
 #: The known datasets, by ``data_source`` name.
@@ -493,13 +509,134 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def _spec(dataset: str) -> DatasetSpec:
-    try:
-        return DATASETS[dataset]
-    except KeyError:
+def answer_value(value: Any) -> str | None:
+    """Turns an answer field of any common shape into a ground-truth string.
+
+    The rules of the built-in datasets, by the value's type: a list (OlympiadBench's
+    ``final_answer``) is cleaned and joined by :func:`olympiadbench_answer`
+    (``["$69$,$84$"]`` -> ``"69, 84"``); a number is written as an integer when it is one
+    (AMC's ``27.0`` -> ``"27"``, ``0.5`` -> ``"0.5"``); a string of digits loses its
+    leading zeros (AIME's ``"025"`` -> ``"25"``) and ``"27.0"`` becomes ``"27"``; any
+    other string is stripped.
+
+    Args:
+        value: The field's value (``str``, ``int``, ``float``, list of ``str``, ``None``).
+
+    Returns:
+        The ground truth, or ``None`` when the value is missing, NaN or empty.
+    """
+    if isinstance(value, (list, tuple)):
+        return olympiadbench_answer(value)
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy arrays / scalars
+        return answer_value(value.tolist())
+    return _integer_string(value)
+
+
+def _any_answer(row: Mapping[str, Any]) -> str:
+    """``answer``, else ``final_answer``, else the last box of ``solution`` (paper sets)."""
+    for key in ("answer", "final_answer"):
+        gt = answer_value(row.get(key))
+        if gt is not None:
+            return gt
+    if _text(row.get("solution")) is None:
+        raise _SkipRow("missing_answer")
+    boxed = last_boxed(row["solution"])
+    if not boxed:
+        raise _SkipRow("no_boxed_answer")
+    return boxed
+
+
+def orz_row(row: Any) -> Mapping[str, Any] | None:
+    """Flattens one Open-Reasoner-Zero record into ``{problem, answer, pass_at_n}``.
+
+    ORZ's ``orz_math_57k_collected.json`` is a JSON list of two-turn conversations:
+    ``[{"from": "human", "value": <problem>}, {"from": "assistant", "ground_truth":
+    {"value": <answer>, "pass_at_n": <float or null>}}]``. A record that is already a
+    flat mapping (a converted copy with ``problem``/``answer`` columns) is returned as
+    it is.
+
+    Args:
+        row: One record of the file.
+
+    Returns:
+        The flat record, or ``None`` when the record has neither shape.
+    """
+    if isinstance(row, Mapping):
+        return row
+    if not isinstance(row, (list, tuple)) or len(row) < 2:
+        return None
+    human, assistant = row[0], row[1]
+    if not isinstance(human, Mapping) or not isinstance(assistant, Mapping):
+        return None
+    truth = assistant.get("ground_truth")
+    if isinstance(truth, Mapping):
+        answer, pass_at_n = truth.get("value"), truth.get("pass_at_n")
+    else:
+        answer, pass_at_n = truth, None
+    return {"problem": human.get("value"), "answer": answer, "pass_at_n": pass_at_n}
+
+
+_DEEPSCALER_TEST_URL = "https://raw.githubusercontent.com/agentica-project/deepscaler/main/deepscaler/data/test/{}.json"
+_ORZ_URL = "https://github.com/Open-Reasoner-Zero/Open-Reasoner-Zero/raw/refs/heads/main/data/orz_math_57k_collected.json"
+
+
+def _paper_spec(name: str, split: str, local: str, hub_id: str | None, hub_split: str = "train", *,
+                hub_config: str | None = None, problem_keys: tuple[str, ...] = ("problem", "question"),
+                raw_answer_keys: tuple[str, ...] = ("answer", "final_answer", "solution"),
+                extra_keys: tuple[str, ...] = (), ground_truth: Callable[[Mapping[str, Any]], str] = _any_answer,
+                url: str | None = None, adapt: Callable[[Any], Any] | None = None) -> DatasetSpec:
+    return DatasetSpec(
+        name=name, splits={split: local}, hub_id=hub_id, hub_config=hub_config, hub_splits={split: hub_split},
+        problem_keys=problem_keys, raw_answer_keys=raw_answer_keys, extra_keys=extra_keys,
+        ground_truth=ground_truth, urls={split: url} if url else None, adapt=adapt,
+    )
+
+
+#: The papers' own training sets and extra evaluation sets, by ``data_source`` name.
+#: They are not in ``../shared/data``: ``--source hub`` loads them from the hub id (or the
+#: URL of ``urls``); a local copy of the same shape is read from ``--source-dir`` at the
+#: path of ``splits`` (``.jsonl``, ``.json`` or ``.parquet`` with the same stem also do).
+#: Kept apart from :data:`DATASETS` (which ``recipe.eval`` lists as its benchmarks and
+#: ``recipe.main`` prepares on demand from ``../shared/data``).
+PAPER_DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        # Minimalist paper (arXiv 2504.11343): the prompts of its public code (RLHFlow/Minimal-RL,
+        # scripts/data_preprocess/numina_math.py), ground truth = `answer`; the code then keeps
+        # problems of <= 700 tokens (--max-prompt-tokens 700 --tokenizer Qwen/Qwen2.5-Math-1.5B).
+        # A NuminaMath-CoT-shaped copy (problem, solution) works too: the last box of `solution`.
+        _paper_spec("numina_math", "train", "numina_math/train.parquet", "ScaleML-RLHF/numina_math",
+                    extra_keys=("source",)),
+        # DOTS + RR paper (arXiv 2506.05316) Table 1 training sets
+        _paper_spec("deepscaler", "train", "deepscaler/deepscaler.json", "agentica-org/DeepScaleR-Preview-Dataset"),
+        _paper_spec("orz_math", "train", "orz_math/orz_math_57k_collected.json", None, url=_ORZ_URL,
+                    extra_keys=("pass_at_n",), adapt=orz_row),
+        _paper_spec("deepmath", "train", "deepmath/train.parquet", "zwhe99/DeepMath-103K",
+                    problem_keys=("question", "problem"), raw_answer_keys=("final_answer", "answer"),
+                    extra_keys=("difficulty", "topic")),
+        # evaluation sets
+        _paper_spec("aime25", "test", "aime25/test.jsonl", "math-ai/aime25", "test", extra_keys=("id",)),
+        _paper_spec("math_full", "test", "math_full/test.parquet", "DigitalLearningGmbH/MATH-lighteval", "test",
+                    hub_config="default", raw_answer_keys=("solution", "answer"), extra_keys=("level", "type")),
+        *(
+            _paper_spec(f"deepscaler_{name}", "test", f"deepscaler_test/{name}.json", None,
+                        url=_DEEPSCALER_TEST_URL.format(name))
+            for name in ("aime", "amc", "math", "minerva", "olympiad_bench")
+        ),
+    )
+}
+
+
+def _spec(dataset: str | DatasetSpec) -> DatasetSpec:
+    if isinstance(dataset, DatasetSpec):
+        return dataset
+    spec = DATASETS.get(dataset) or PAPER_DATASETS.get(dataset)
+    if spec is None:
         raise ValueError(
-            f"unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}"
-        ) from None
+            f"unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}; "
+            f"the papers' sets (--source hub or a local copy): {', '.join(PAPER_DATASETS)}"
+        )
+    return spec
 
 
 def _check_split(spec: DatasetSpec, split: str) -> None:
@@ -557,13 +694,74 @@ class _BadLine:
     error: str
 
 
+#: What :class:`PromptLengthFilter` counts: the raw problem text (the Minimalist public
+#: code: ``len(tokenizer.encode(problem)) <= 700``) or the whole chat prompt as the model
+#: sees it (the template's messages through the tokenizer's chat template with the
+#: generation prompt, what verl's ``data.filter_overlong_prompts`` counts).
+LENGTH_OF: tuple[str, ...] = ("problem", "prompt")
+
+
+@dataclass
+class PromptLengthFilter:
+    """Keeps rows whose prompt has at most ``max_tokens`` tokens of the model's tokenizer.
+
+    Source: the Minimalist paper (arXiv 2504.11343) trains on Numina-Math prompts of <= 700
+    tokens; its public code (RLHFlow/Minimal-RL, ``scripts/data_preprocess/numina_math.py``)
+    drops a problem when ``len(tokenizer.encode(problem)) > 700`` with the
+    Qwen2.5-Math-1.5B tokenizer.
+
+    Attributes:
+        tokenizer: A ``transformers`` tokenizer (anything with ``encode`` and
+            ``apply_chat_template``).
+        max_tokens: The largest token count kept (>= 1).
+        length_of: ``"problem"`` (the raw problem text, no special tokens) or
+            ``"prompt"`` (the chat prompt with the generation prompt), see :data:`LENGTH_OF`.
+    """
+
+    tokenizer: Any
+    max_tokens: int
+    length_of: str = "problem"
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max prompt tokens must be >= 1, got {self.max_tokens}")
+        if self.length_of not in LENGTH_OF:
+            raise ValueError(f"length_of must be one of {LENGTH_OF}, got {self.length_of!r}")
+
+    @classmethod
+    def load(cls, tokenizer: str | os.PathLike, max_tokens: int, length_of: str = "problem") -> "PromptLengthFilter":
+        """Loads the tokenizer with ``transformers.AutoTokenizer.from_pretrained``.
+
+        Raises:
+            ValueError: ``max_tokens`` < 1 or an unknown ``length_of``.
+            DataError: The tokenizer cannot be loaded (names the path).
+        """
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(tokenizer))
+        except Exception as e:  # OSError, ValueError, hub errors
+            raise DataError(f"could not load the tokenizer {tokenizer}: {e}") from e
+        return cls(tok, max_tokens, length_of)
+
+    def count(self, problem: str, messages: list[dict[str, str]]) -> int:
+        """Returns the number of tokens counted for one row (see ``length_of``)."""
+        if self.length_of == "problem":
+            return len(self.tokenizer.encode(problem, add_special_tokens=False))
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, Mapping):  # newer transformers may return a BatchEncoding
+            ids = ids["input_ids"]
+        return len(ids)
+
+
 def convert_rows(
-    dataset: str,
+    dataset: str | DatasetSpec,
     split: str,
     rows: Iterable[Mapping[str, Any] | _BadLine],
     template: str | PromptTemplate = "boxed",
     max_rows: int | None = None,
     source: str = "<rows>",
+    length_filter: PromptLengthFilter | None = None,
 ) -> ConversionResult:
     """Maps source rows (local or hub) to verl-format records.
 
@@ -572,13 +770,16 @@ def convert_rows(
     ``--source hub``, or a plain list of dicts).
 
     Args:
-        dataset: A name in :data:`DATASETS`.
+        dataset: A name in :data:`DATASETS` or :data:`PAPER_DATASETS`, or a
+            :class:`DatasetSpec` (a user's file, :func:`file_spec`).
         split: The split name written to ``extra_info.split``.
         rows: Source rows in file order (the position gives ``extra_info.index``).
         template: A preset name, a literal template containing ``{problem}``, or a
             :class:`PromptTemplate`.
         max_rows: Keep only the first ``max_rows`` good rows (``None``: all).
         source: A name for the rows (file path) used in warnings.
+        length_filter: Optional prompt-length filter; a longer row is skipped as
+            ``prompt_too_long`` (counted like every skipped row, before ``max_rows``).
 
     Returns:
         The records, skip counts and number of rows read.
@@ -599,6 +800,11 @@ def convert_rows(
         if isinstance(row, _BadLine):
             log.skip("malformed_json", f"line {row.line}: {row.error}")
             continue
+        if spec.adapt is not None:
+            row = spec.adapt(row)
+            if row is None:
+                log.skip("malformed_row", f"row {index}: not a record of {spec.name}'s shape")
+                continue
         if not isinstance(row, Mapping):
             log.skip("malformed_json", f"row {index}: not a JSON object")
             continue
@@ -613,8 +819,10 @@ def convert_rows(
             log.skip(skip.reason, f"row {index}")
             continue
         raw_answer = _first(row, spec.raw_answer_keys)
-        if spec.name == "olympiadbench" and raw_answer is not None and not isinstance(raw_answer, str):
+        if raw_answer is not None and isinstance(raw_answer, (list, tuple)):
             raw_answer = ", ".join(str(a) for a in raw_answer)
+        elif hasattr(raw_answer, "tolist") and not isinstance(raw_answer, str):  # numpy array from parquet
+            raw_answer = ", ".join(str(a) for a in raw_answer.tolist())
         extra: dict[str, Any] = {
             "split": split,
             "index": index,
@@ -626,10 +834,16 @@ def convert_rows(
             if key == "solution" and value is not None:
                 value = _raw_str(value)
             extra[key] = value
+        messages = tmpl.messages(problem.strip())
+        if length_filter is not None:
+            n_tokens = length_filter.count(problem, messages)
+            if n_tokens > length_filter.max_tokens:
+                log.skip("prompt_too_long", f"row {index}: {n_tokens} > {length_filter.max_tokens} tokens")
+                continue
         result.records.append(
             {
                 "data_source": spec.name,
-                "prompt": tmpl.messages(problem.strip()),
+                "prompt": messages,
                 "ability": "math",
                 "reward_model": {"style": "rule", "ground_truth": ground_truth},
                 "extra_info": extra,
@@ -662,44 +876,92 @@ def default_source_dir() -> Path:
     return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
+#: File suffixes :func:`read_source_rows` reads (anything else is read as JSON lines).
+SOURCE_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
+
+
 def _source_file(spec: DatasetSpec, split: str, source_dir: str | os.PathLike | None) -> Path:
     root = Path(source_dir) if source_dir is not None else default_source_dir()
     path = root / spec.splits[split]
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{spec.name}/{split}: source file {path} not found (set --source-dir or "
-            f"${SHARED_DIR_ENV}, or use --source hub)"
-        )
-    return path
+    if path.is_file():
+        return path
+    for suffix in SOURCE_SUFFIXES:  # the same file saved in another format
+        other = path.with_suffix(suffix)
+        if other.is_file():
+            return other
+    raise FileNotFoundError(
+        f"{spec.name}/{split}: source file {path} not found (set --source-dir or "
+        f"${SHARED_DIR_ENV}, or use --source hub)"
+    )
 
 
-def read_source_rows(path: str | os.PathLike) -> Iterator[Mapping[str, Any] | _BadLine]:
-    """Yields the rows of a local ``.jsonl`` or ``.json`` (array) file.
+def read_source_rows(
+    path: str | os.PathLike, rows_key: str | None = None
+) -> Iterator[Mapping[str, Any] | _BadLine]:
+    """Yields the rows of a local JSON-lines, JSON or parquet file.
 
-    Blank lines of a JSON-lines file are ignored; a malformed line is yielded as a
-    marker that :func:`convert_rows` skips with a warning naming its line number.
+    * ``.parquet``: one row per table row (nested columns as Python lists and dicts).
+    * ``.json``: a JSON list of records, or an object holding the list under
+      ``rows_key`` (``{"data": [...]}`` with ``rows_key="data"``). A ``.json`` file that
+      is really JSON lines (one object per line) is read as such.
+    * anything else (``.jsonl``, ``.ndjson``, ...): one JSON value per line; blank lines
+      are ignored and a malformed line is yielded as a marker that :func:`convert_rows`
+      skips with a warning naming its 1-based line number.
 
     Args:
         path: The file.
+        rows_key: For a JSON object file: the key holding the list of records.
 
     Yields:
-        One dict per record (or a malformed-line marker).
+        One record per row (or a malformed-line marker).
 
     Raises:
         FileNotFoundError: The file does not exist.
-        DataError: A ``.json`` file that does not parse or is not a list.
+        DataError: A ``.json`` file that does not parse, is not a list (and has no
+            ``rows_key`` list), a missing ``rows_key``, or an unreadable parquet file;
+            the message names the file.
     """
     path = Path(path)
-    if path.suffix == ".json":
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".parquet":
         try:
-            with path.open(encoding="utf-8") as f:
-                data = json.load(f)
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable parquet file: {e}") from e
+        if rows_key is not None:
+            raise DataError(f"{path}: --rows-key applies to JSON files, not parquet")
+        yield from table.to_pylist()
+        return
+    if path.suffix == ".json":
+        with path.open(encoding="utf-8") as f:
+            text = f.read()
+        try:
+            data = json.loads(text)
         except json.JSONDecodeError as e:
+            if e.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON lines named .json
+                yield from _json_lines(path)
+                return
             raise DataError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from e
+        if rows_key is not None:
+            if not isinstance(data, Mapping) or rows_key not in data:
+                keys = list(data) if isinstance(data, Mapping) else type(data).__name__
+                raise DataError(f"{path}: --rows-key {rows_key!r} not found (top level: {keys})")
+            data = data[rows_key]
         if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+            hint = ""
+            if isinstance(data, Mapping):
+                lists = [k for k, v in data.items() if isinstance(v, list)]
+                hint = f"; its lists are under {lists}: pass --rows-key KEY" if lists else ""
+            raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}{hint}")
         yield from data
         return
+    if rows_key is not None:
+        raise DataError(f"{path}: --rows-key applies to JSON files, not JSON lines")
+    yield from _json_lines(path)
+
+
+def _json_lines(path: Path) -> Iterator[Any]:
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -710,7 +972,33 @@ def read_source_rows(path: str | os.PathLike) -> Iterator[Mapping[str, Any] | _B
                 yield _BadLine(lineno, e.msg)
 
 
-def _hub_rows(spec: DatasetSpec, split: str) -> Iterator[Mapping[str, Any]]:
+def download_cache_dir() -> Path:
+    """Where files fetched from ``DatasetSpec.urls`` are kept: ``$RECIPE_DATA_CACHE``, else
+    ``~/.cache/recipe/data``."""
+    return Path(os.environ.get("RECIPE_DATA_CACHE") or Path.home() / ".cache" / "recipe" / "data")
+
+
+def _download(url: str, name: str) -> Path:
+    import urllib.request
+
+    path = download_cache_dir() / name / url.rsplit("/", 1)[-1]
+    if path.is_file():
+        return path
+    print(f"[recipe.data] downloading {url} -> {path}", flush=True)
+    try:
+        with urllib.request.urlopen(url, timeout=120) as resp:  # noqa: S310 (fixed https URLs)
+            atomic_write(path, lambda tmp: tmp.write_bytes(resp.read()))
+    except OSError as e:
+        raise DataError(f"could not download {url}: {e}") from e
+    return path
+
+
+def _hub_rows(spec: DatasetSpec, split: str) -> Iterator[Any]:
+    if spec.urls and split in spec.urls:
+        yield from read_source_rows(_download(spec.urls[split], spec.name))
+        return
+    if spec.hub_id is None:
+        raise DataError(f"{spec.name}: no hub copy known; put the file at --source-dir/{spec.splits[split]}")
     import datasets  # imported lazily: slow, and only needed with --source hub
 
     try:
@@ -728,18 +1016,23 @@ def _convert(
     template: str | PromptTemplate,
     max_rows: int | None,
     source: str,
+    length_filter: PromptLengthFilter | None = None,
 ) -> ConversionResult:
     spec = _spec(dataset)
     _check_split(spec, split)
     resolve_template(template)  # fail before reading anything
     if source == "hub":
-        name = f"hub:{spec.hub_id}" + (f"[{spec.hub_config}]" if spec.hub_config else "")
+        if spec.urls and split in spec.urls:
+            name = spec.urls[split]
+        else:
+            name = f"hub:{spec.hub_id}" + (f"[{spec.hub_config}]" if spec.hub_config else "")
+            name += f"/{spec.hub_splits[split]}"
         rows: Iterable[Any] = _hub_rows(spec, split)
-        return convert_rows(dataset, split, rows, template, max_rows, f"{name}/{spec.hub_splits[split]}")
+        return convert_rows(spec, split, rows, template, max_rows, name, length_filter)
     if source != "local":
         raise ValueError(f"source must be 'local' or 'hub', got {source!r}")
     path = _source_file(spec, split, source_dir)
-    return convert_rows(dataset, split, read_source_rows(path), template, max_rows, str(path))
+    return convert_rows(spec, split, read_source_rows(path), template, max_rows, str(path), length_filter)
 
 
 def load_records(
@@ -749,6 +1042,7 @@ def load_records(
     template: str | PromptTemplate = "boxed",
     max_rows: int | None = None,
     source: str = "local",
+    length_filter: PromptLengthFilter | None = None,
 ) -> list[dict[str, Any]]:
     """Loads one split of a dataset as verl-format records (dicts).
 
@@ -759,6 +1053,7 @@ def load_records(
         template: Prompt preset name or literal template containing ``{problem}``.
         max_rows: Keep only the first ``max_rows`` good rows.
         source: ``"local"`` or ``"hub"`` (needs internet).
+        length_filter: Optional :class:`PromptLengthFilter` (rows over it are skipped).
 
     Returns:
         The records; skipped rows are logged as warnings.
@@ -768,7 +1063,7 @@ def load_records(
         FileNotFoundError: The local source file is missing.
         DataError: The source file cannot be parsed as a whole.
     """
-    return _convert(dataset, split, source_dir, template, max_rows, source).records
+    return _convert(dataset, split, source_dir, template, max_rows, source, length_filter).records
 
 
 # ----------------------------------------------------------------------------- output
@@ -849,6 +1144,7 @@ def convert_split(
     template: str | PromptTemplate = "boxed",
     max_rows: int | None = None,
     source: str = "local",
+    length_filter: PromptLengthFilter | None = None,
 ) -> SplitResult:
     """Converts one split and writes ``out_dir/<dataset>/<split>.parquet``.
 
@@ -860,6 +1156,8 @@ def convert_split(
         template: Prompt preset name or literal template containing ``{problem}``.
         max_rows: Keep only the first ``max_rows`` good rows.
         source: ``"local"`` or ``"hub"``.
+        length_filter: Optional :class:`PromptLengthFilter`; its drops are counted as
+            ``prompt_too_long`` in ``skipped``.
 
     Returns:
         The path written and the row counts.
@@ -870,7 +1168,7 @@ def convert_split(
         DataError: The source file cannot be parsed as a whole.
         OSError: The output cannot be written.
     """
-    result = _convert(dataset, split, source_dir, template, max_rows, source)
+    result = _convert(dataset, split, source_dir, template, max_rows, source, length_filter)
     path = write_parquet(result.records, Path(out_dir) / dataset / f"{split}.parquet")
     return SplitResult(dataset, split, path, len(result.records), result.skipped)
 
@@ -882,6 +1180,7 @@ def prepare(
     template: str | PromptTemplate = "boxed",
     max_rows: int | None = None,
     source: str = "local",
+    length_filter: PromptLengthFilter | None = None,
 ) -> dict[str, Path]:
     """Writes every split of a dataset as ``out_dir/<dataset>/<split>.parquet``.
 
@@ -892,6 +1191,7 @@ def prepare(
         template: Prompt preset name or literal template containing ``{problem}``.
         max_rows: Keep only the first ``max_rows`` good rows of each split.
         source: ``"local"`` or ``"hub"``.
+        length_filter: Optional :class:`PromptLengthFilter`.
 
     Returns:
         Split name -> path of the parquet file written.
@@ -905,7 +1205,7 @@ def prepare(
     spec = _spec(dataset)
     resolve_template(template)
     return {
-        split: convert_split(dataset, split, out_dir, source_dir, template, max_rows, source).path
+        split: convert_split(dataset, split, out_dir, source_dir, template, max_rows, source, length_filter).path
         for split in spec.splits
     }
 
@@ -997,6 +1297,184 @@ def passthrough(input_path: str | os.PathLike, out_path: str | os.PathLike) -> i
     return n
 
 
+# ------------------------------------------------------------------ bring your own data
+
+#: Row keys tried, in order, when ``--problem-key`` / ``--answer-key`` / ``--solution-key``
+#: are not given.
+DEFAULT_PROBLEM_KEYS: tuple[str, ...] = ("problem", "question")
+DEFAULT_ANSWER_KEYS: tuple[str, ...] = ("answer", "final_answer")
+DEFAULT_SOLUTION_KEYS: tuple[str, ...] = ("solution",)
+
+#: File stems that say nothing about the data; the folder's name is the ``data_source`` then.
+_GENERIC_STEMS = {"train", "test", "val", "validation", "dev", "data", "dataset"}
+
+
+def default_data_source(path: str | os.PathLike) -> str:
+    """The ``data_source`` of a user's file: its stem (``aime2025.jsonl`` -> ``aime2025``),
+    or its folder's name when the stem is generic (``deepscaler/train.parquet`` ->
+    ``deepscaler``)."""
+    path = Path(path)
+    if path.stem.lower() in _GENERIC_STEMS and path.parent.name:
+        return path.parent.name
+    return path.stem
+
+
+def file_spec(
+    data_source: str,
+    problem_key: str | None = None,
+    answer_key: str | None = None,
+    solution_key: str | None = None,
+) -> DatasetSpec:
+    """Builds the :class:`DatasetSpec` of a user's file from its column names.
+
+    Ground truth: :func:`answer_value` of ``answer_key`` (lists, numbers and strings as
+    the built-in datasets handle them); when that is empty or not given, the content of
+    the LAST ``\\boxed{}`` of ``solution_key`` (by :func:`recipe.reward.answers.last_boxed`,
+    the one extractor); a row with neither is skipped (``missing_answer`` /
+    ``no_boxed_answer``). Without keys the defaults :data:`DEFAULT_PROBLEM_KEYS`,
+    :data:`DEFAULT_ANSWER_KEYS` and :data:`DEFAULT_SOLUTION_KEYS` are tried in order.
+
+    Args:
+        data_source: The name written as ``data_source`` (``gsm8k`` selects GSM8K-style
+            grading; any other name is graded as a boxed maths answer).
+        problem_key: The column of the problem text.
+        answer_key: The column of the final answer.
+        solution_key: The column of a worked solution whose last box is the answer.
+
+    Returns:
+        The spec (no local file, no hub id).
+
+    Raises:
+        ValueError: ``data_source`` is empty.
+    """
+    if not data_source or not data_source.strip():
+        raise ValueError("data_source must be a non-empty name")
+    problem_keys = (problem_key,) if problem_key else DEFAULT_PROBLEM_KEYS
+    if answer_key or solution_key:
+        answer_keys = (answer_key,) if answer_key else ()
+        solution_keys = (solution_key,) if solution_key else ()
+    else:
+        answer_keys, solution_keys = DEFAULT_ANSWER_KEYS, DEFAULT_SOLUTION_KEYS
+
+    def ground_truth(row: Mapping[str, Any]) -> str:
+        for key in answer_keys:
+            gt = answer_value(row.get(key))
+            if gt is not None:
+                return gt
+        solutions = [row.get(k) for k in solution_keys if _text(row.get(k)) is not None]
+        if not solutions:
+            raise _SkipRow("missing_answer")
+        boxed = last_boxed(str(solutions[0]))
+        if not boxed:
+            raise _SkipRow("no_boxed_answer")
+        return boxed
+
+    return DatasetSpec(
+        name=data_source.strip(), splits={}, hub_id=None, hub_config=None, hub_splits={},
+        problem_keys=problem_keys, raw_answer_keys=answer_keys + solution_keys, extra_keys=(),
+        ground_truth=ground_truth,
+    )
+
+
+def _check_keys(path: Path, rows: list[Any], spec: DatasetSpec, given: dict[str, str | None]) -> None:
+    """Raises DataError when a key (given or default) is in no row of the file."""
+    records = [r for r in rows if isinstance(r, Mapping)]
+    if not records:
+        raise DataError(f"{path}: no records (read {len(rows)} rows, none a JSON object / table row)")
+    seen: set[str] = set()
+    for r in records:
+        seen.update(r.keys())
+    first = list(records[0].keys())
+    for option, key in given.items():
+        if key is not None and key not in seen:
+            raise DataError(f"{path}: no row has the key {key!r} ({option}); the first row's keys: {first}")
+    if not any(k in seen for k in spec.problem_keys):
+        raise DataError(
+            f"{path}: no row has a problem key (tried {', '.join(spec.problem_keys)}); pass --problem-key "
+            f"(the first row's keys: {first})"
+        )
+    if not any(k in seen for k in spec.raw_answer_keys):
+        raise DataError(
+            f"{path}: no row has an answer key (tried {', '.join(spec.raw_answer_keys)}); pass --answer-key "
+            f"or --solution-key (the first row's keys: {first})"
+        )
+
+
+def convert_file(
+    input_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    data_source: str | None = None,
+    split: str = "train",
+    problem_key: str | None = None,
+    answer_key: str | None = None,
+    solution_key: str | None = None,
+    rows_key: str | None = None,
+    template: str | PromptTemplate = "boxed",
+    max_rows: int | None = None,
+    length_filter: PromptLengthFilter | None = None,
+) -> SplitResult:
+    """Converts a user's JSON-lines, JSON or parquet file of problems to a verl parquet.
+
+    The rows go through :func:`convert_rows` (same prompt templates, bad-row handling,
+    ``normalise_gold`` and ``extra_info`` as the built-in datasets) with the spec of
+    :func:`file_spec`; the output is written atomically.
+
+    Args:
+        input_path: ``.jsonl`` (or any non-JSON, non-parquet suffix: JSON lines),
+            ``.json`` (a list, or rows under ``rows_key``) or ``.parquet``.
+        out_path: The verl parquet to write.
+        data_source: The ``data_source`` name (default :func:`default_data_source`).
+        split: Written to ``extra_info.split``.
+        problem_key, answer_key, solution_key: Column names (see :func:`file_spec`).
+        rows_key: For a JSON object file, the key holding the list of rows.
+        template: Prompt preset name or literal template containing ``{problem}``.
+        max_rows: Keep only the first ``max_rows`` good rows.
+        length_filter: Optional :class:`PromptLengthFilter`.
+
+    Returns:
+        What was written (rows, skip counts by reason, path).
+
+    Raises:
+        FileNotFoundError: The input does not exist.
+        DataError: The file is malformed, a key is in no row (names the file and the
+            key), or no row could be converted (names the skip reasons).
+        ValueError: A bad template or ``max_rows``.
+        OSError: The output cannot be written.
+    """
+    path = Path(input_path)
+    resolve_template(template)
+    spec = file_spec(data_source or default_data_source(path), problem_key, answer_key, solution_key)
+    rows = list(read_source_rows(path, rows_key))
+    _check_keys(path, rows, spec, {"--problem-key": problem_key, "--answer-key": answer_key,
+                                   "--solution-key": solution_key})
+    result = convert_rows(spec, split, rows, template, max_rows, str(path), length_filter)
+    if not result.records and max_rows != 0:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(result.skipped.items()))
+        raise DataError(f"{path}: no row could be converted ({result.rows_read} rows read; skipped: {reasons})")
+    out = write_parquet(result.records, out_path)
+    return SplitResult(spec.name, split, out, len(result.records), result.skipped)
+
+
+def is_verl_parquet(path: str | os.PathLike) -> bool:
+    """Whether a file looks like a verl parquet (to validate and copy, not to convert):
+    a ``.parquet`` with a ``reward_model`` column or a list-typed ``prompt`` column. An
+    unreadable ``.parquet`` counts as one, so that its validation names the problem."""
+    path = Path(path)
+    if path.suffix != ".parquet":
+        return False
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError):
+        return True
+    if "reward_model" in schema.names:
+        return True
+    if "prompt" in schema.names:
+        t = schema.field("prompt").type
+        return pa.types.is_list(t) or pa.types.is_large_list(t)
+    return False
+
+
 # -------------------------------------------------------------------------------- CLI
 
 
@@ -1014,9 +1492,15 @@ def _parse_datasets(value: str) -> list[str]:
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m recipe.data",
-        description="Write math datasets as verl-format parquet files, or validate and copy one.",
+        description="Write math datasets as verl-format parquet files: named datasets (--datasets), "
+        "or any JSON-lines / JSON / parquet file of problems (--input FILE --out FILE; a verl parquet "
+        "is validated and copied unchanged).",
     )
-    p.add_argument("--datasets", help=f"comma-separated names or 'all' ({', '.join(DATASETS)})")
+    p.add_argument(
+        "--datasets",
+        help=f"comma-separated names or 'all' (the local ones: {', '.join(DATASETS)}); the papers' sets: "
+        f"{', '.join(PAPER_DATASETS)}",
+    )
     p.add_argument("--out-dir", help="output root: writes OUT_DIR/<dataset>/<split>.parquet")
     p.add_argument(
         "--source-dir",
@@ -1031,9 +1515,29 @@ def _build_parser() -> argparse.ArgumentParser:
         help=f"prompt preset ({', '.join(TEMPLATES)}) or a literal string containing {{problem}}",
     )
     p.add_argument("--max-rows", type=int, default=None, help="keep the first N good rows of each split")
-    p.add_argument("--input", help="existing verl-format parquet file to validate and copy")
-    p.add_argument("--out", help="output file for --input")
+    g = p.add_argument_group("any file (--input)")
+    g.add_argument("--input", help="a .jsonl / .json / .parquet file of problems, or a verl parquet to validate")
+    g.add_argument("--out", help="output parquet file for --input")
+    g.add_argument("--problem-key", help=f"column of the problem (default: first of {', '.join(DEFAULT_PROBLEM_KEYS)})")
+    g.add_argument("--answer-key", help=f"column of the final answer (default: {', '.join(DEFAULT_ANSWER_KEYS)})")
+    g.add_argument(
+        "--solution-key",
+        help="column of a worked solution: its last \\boxed{} is the answer (default: solution, when no "
+        "--answer-key either)",
+    )
+    g.add_argument("--data-source", help="the data_source name written (default: the file's stem)")
+    g.add_argument("--split", default="train", help="extra_info.split (default: train)")
+    g.add_argument("--rows-key", help="for a JSON object file: the key holding the list of rows")
+    f = p.add_argument_group("prompt-length filter (both forms)")
+    f.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="drop rows longer than N tokens (Minimalist paper: 700); needs --tokenizer")
+    f.add_argument("--tokenizer", help="tokenizer folder or hub id (the model's), for --max-prompt-tokens")
+    f.add_argument("--length-of", choices=LENGTH_OF, default="problem",
+                   help="count the raw problem (default, as the Minimalist code) or the chat prompt")
     return p
+
+
+_CONVERSION_OPTIONS = ("problem_key", "answer_key", "solution_key", "data_source", "rows_key", "max_prompt_tokens")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1049,40 +1553,77 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if (args.max_prompt_tokens is None) != (args.tokenizer is None):
+        parser.error("--max-prompt-tokens and --tokenizer go together")
+    try:
+        resolve_template(args.template)
+        if args.max_rows is not None and args.max_rows < 0:
+            raise ValueError("--max-rows must be >= 0")
+        if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+            raise ValueError("--max-prompt-tokens must be >= 1")
+    except ValueError as e:
+        parser.error(str(e))
     if args.input is not None:
         if args.out is None:
             parser.error("--input needs --out")
         if args.datasets or args.out_dir:
             parser.error("--input cannot be combined with --datasets/--out-dir")
+        keys_given = any(getattr(args, k) for k in ("problem_key", "answer_key", "solution_key"))
+        if is_verl_parquet(args.input) and not keys_given:
+            extra = [f"--{k.replace('_', '-')}" for k in _CONVERSION_OPTIONS if getattr(args, k) is not None]
+            if extra:
+                parser.error(f"{args.input} is already a verl parquet (validated and copied as it is): "
+                             f"{', '.join(extra)} only apply to files that are converted")
+            try:
+                n = passthrough(args.input, args.out)
+            except (DataError, OSError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            print(f"{args.input}: valid verl parquet, {n} rows -> {args.out}")
+            return 0
         try:
-            n = passthrough(args.input, args.out)
-        except (DataError, OSError) as e:
+            length_filter = _length_filter(args)
+            res = convert_file(
+                args.input, args.out, data_source=args.data_source, split=args.split,
+                problem_key=args.problem_key, answer_key=args.answer_key, solution_key=args.solution_key,
+                rows_key=args.rows_key, template=args.template, max_rows=args.max_rows,
+                length_filter=length_filter,
+            )
+        except (DataError, OSError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        print(f"{args.input}: valid verl parquet, {n} rows -> {args.out}")
+        print(f"{args.input}: {res.summary()}", flush=True)
         return 0
     if not args.datasets or not args.out_dir:
         parser.error("--datasets and --out-dir are required (or --input FILE --out FILE)")
     if args.source == "hub" and args.source_dir is not None:
         parser.error("--source-dir cannot be combined with --source hub")
+    given = [f"--{k.replace('_', '-')}" for k in _CONVERSION_OPTIONS[:-1] if getattr(args, k) is not None]
+    if given:
+        parser.error(f"{', '.join(given)} apply to --input only")
     try:
         names = _parse_datasets(args.datasets)
-        resolve_template(args.template)
-        if args.max_rows is not None and args.max_rows < 0:
-            raise ValueError("--max-rows must be >= 0")
     except ValueError as e:
         parser.error(str(e))
     try:
+        length_filter = _length_filter(args)
         for name in names:
-            for split in DATASETS[name].splits:
+            for split in _spec(name).splits:
                 res = convert_split(
-                    name, split, args.out_dir, args.source_dir, args.template, args.max_rows, args.source
+                    name, split, args.out_dir, args.source_dir, args.template, args.max_rows, args.source,
+                    length_filter,
                 )
                 print(res.summary(), flush=True)
     except (DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _length_filter(args: argparse.Namespace) -> PromptLengthFilter | None:
+    if args.max_prompt_tokens is None:
+        return None
+    return PromptLengthFilter.load(args.tokenizer, args.max_prompt_tokens, args.length_of)
 
 
 if __name__ == "__main__":

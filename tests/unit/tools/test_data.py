@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recipe import data as rd
+from recipe.reward.golds import normalise_gold
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SHARED = Path(os.environ["RECIPE_SHARED_DIR"]) if os.environ.get("RECIPE_SHARED_DIR") else REPO_ROOT.parent / "shared"
@@ -125,8 +126,11 @@ def test_row_counts(written, dataset, split):
 
 @pytest.mark.parametrize(("dataset", "split", "index"), sorted(KNOWN_TRUTHS))
 def test_known_ground_truths(written, dataset, split, index):
+    """The extracted answer (KNOWN_TRUTHS) after recipe.reward.golds.normalise_gold, whose own
+    rules are tested in tests/unit/reward/ (e.g. minerva's "4.5e33" -> "4.5 \\times 10^{33}")."""
     row = _by_index(written[(dataset, split)], index)
-    assert row["reward_model"] == {"style": "rule", "ground_truth": KNOWN_TRUTHS[(dataset, split, index)]}
+    expected = normalise_gold(KNOWN_TRUTHS[(dataset, split, index)], dataset)
+    assert row["reward_model"] == {"style": "rule", "ground_truth": expected}
 
 
 @pytest.mark.parametrize(("dataset", "split"), sorted(EXPECTED_ROWS))
