@@ -110,8 +110,12 @@ def recipe_command(
     seeds), then ``overrides`` (Hydra: the last value of a key wins, so ``overrides`` may
     replace any of the run's keys).
 
-    Seeds: ``data.seed`` (order of the training prompts), ``actor_rollout_ref.rollout.seed``
-    (the ``hf`` rollout's sampling, validation included), ``replay.seed`` and ``dots.seed``.
+    Seeds: the top-level ``seed`` key, which feeds every seed of the run (``data.seed``: the
+    order of the training prompts; ``actor_rollout_ref.rollout.seed``: each response's
+    sampling seed, validation included; the actor's data-loader seed; ``replay.seed``,
+    ``dots.seed``, ``preference.seed``): runs of different recipes with the same seed are
+    paired (same warm start, data order and sampling seeds wherever they do not differ by
+    design).
 
     Args:
         name: Recipe config name (``conf/recipe/<name>.yaml``).
@@ -135,7 +139,7 @@ def recipe_command(
         f"trainer.experiment_name={run_dir.name}", f"trainer.default_local_dir={run_dir}",
         f"trainer.total_training_steps={steps}", f"trainer.test_freq={test_freq}",
         "trainer.save_freq=-1", "trainer.val_before_train=true", "trainer.resume_mode=disable",
-        f"data.seed={seed}", f"actor_rollout_ref.rollout.seed={seed}", f"replay.seed={seed}", f"dots.seed={seed}",
+        f"seed={seed}",
         *overrides,
     ]
 

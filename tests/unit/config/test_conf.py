@@ -433,3 +433,12 @@ def test_prepare_data_disabled(composer, tmp_path):
     with pytest.raises(FileNotFoundError, match="data.train_files"):
         prepare_data(cfg)
     assert not (tmp_path / "data").exists()
+
+
+def test_top_level_seed_feeds_every_seed(composer):
+    """``seed=N`` alone pairs benchmark runs (benchmarks/runs.py passes only it)."""
+    cfg = composer("seed=7", "recipe=grpo_dots_rr")
+    got = {k: OmegaConf.select(cfg, k) for k in (
+        "data.seed", "actor_rollout_ref.rollout.seed", "actor_rollout_ref.actor.data_loader_seed",
+        "replay.seed", "dots.seed", "preference.seed")}
+    assert got == dict.fromkeys(got, 7)
