@@ -211,14 +211,15 @@ def test_normalize_fields_and_defaults():
         "ignore_eos": False,
         "logprobs": False,
         "seed": None,
+        "stop_token_ids": (),
     }
     sp = {"temperature": 0.7, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1, "logprobs": True,
-          "ignore_eos": True, "max_tokens": 9}
+          "ignore_eos": True, "max_tokens": 9, "stop_token_ids": [7, 3, 7]}
     original = dict(sp)
     p = normalize_sampling_params(sp, 10, 64, 32)
     assert sp == original, "the caller's dict must not be mutated"
     assert p == {"temperature": 0.7, "top_p": 0.9, "top_k": 20, "max_tokens": 9, "repetition_penalty": 1.1,
-                 "ignore_eos": True, "logprobs": True, "seed": None}
+                 "ignore_eos": True, "logprobs": True, "seed": None, "stop_token_ids": (3, 7)}
     assert normalize_sampling_params({"seed": 2**63 + 5}, 10, 64, 32)["seed"] == 2**63 + 5
     assert normalize_sampling_params({"top_k": None}, 10, 64, 32)["top_k"] == -1
     assert normalize_sampling_params({"top_k": -1}, 10, 64, 32)["top_k"] == -1
@@ -476,6 +477,7 @@ def test_server_reads_eos_and_pad(server, tok):
     im_end, endoftext = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     assert server.generator.eos_token_ids == [im_end, endoftext]
     assert server.generator.pad_token_id == tok.pad_token_id
+    assert server.generator.logprobs_mode == "processed_logprobs"  # verl's rollout.logprobs_mode default
     assert server.max_batch == 16
     assert server.batch_wait_s == pytest.approx(0.03)
 

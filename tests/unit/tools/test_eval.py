@@ -60,11 +60,60 @@ def test_eval_yaml_defaults(compose, tmp_path):
     assert cfg.hf_num_threads == 1 and cfg.hf_dtype == "float32" and cfg.out_dir is None
 
 
-def test_paper_preset(compose, tmp_path):
-    cfg = compose("eval=paper", f"checkpoint={tmp_path}")
+@pytest.mark.parametrize("preset", ["minimalist", "paper"])
+def test_minimalist_preset(compose, tmp_path, preset):
+    """The Minimalist paper's Table 1: avg@16, T = 1.0, 4096 tokens, the Qwen harness's prompt and grading."""
+    cfg = compose(f"eval={preset}", f"checkpoint={tmp_path}")
     ev.check_config(cfg)
     assert list(cfg.benchmarks) == ["math500", "minerva_math", "olympiadbench"]
-    assert (cfg.k, cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.max_problems) == (16, 1.0, 1.0, 3072, None)
+    assert (cfg.k, cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.max_problems) == (16, 1.0, 1.0, 4096, None)
+    assert (cfg.template, cfg.grading) == ("qwen_math_cot", "harness")
+
+
+def test_dots_preset(compose, tmp_path):
+    """DOTS's sampling (T 0.6, top-p 0.95) and 3072-token budget (docs/PAPERS.md section 2)."""
+    cfg = compose("eval=dots", f"checkpoint={tmp_path}")
+    ev.check_config(cfg)
+    assert list(cfg.benchmarks) == ["math500", "minerva_math", "olympiadbench", "aime24", "amc23"]
+    assert (cfg.k, cfg.temperature, cfg.top_p, cfg.max_tokens) == (16, 0.6, 0.95, 3072)
+    assert (cfg.template, cfg.grading) == ("qwen_math_cot", "harness")
+
+
+def test_grading_key(compose, tmp_path):
+    assert compose(f"model_path={tmp_path}").grading == "strict"
+    with pytest.raises(ConfigError, match="grading must be one of strict, harness"):
+        ev.check_config(compose(f"model_path={tmp_path}", "grading=loose"))
+
+
+QWEN_MATH_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nPlease reason step by step, and put your "
+    "final answer within \\boxed{}.<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_render_prompt_says_the_instruction_once():
+    """Qwen2.5-Math's chat template adds the boxed instruction as its default system message;
+    with the boxed template (instruction in the user turn) it would appear twice."""
+    from transformers import AutoTokenizer
+
+    from recipe import models
+
+    require(models.default_qwen_tokenizer_path())
+    tok = AutoTokenizer.from_pretrained(str(models.default_qwen_tokenizer_path()))
+    tok.chat_template = QWEN_MATH_TEMPLATE
+    instruction = "Please reason step by step, and put your final answer within \\boxed{}."
+    boxed = rd.resolve_template("boxed").messages("What is 1+1?")
+    raw = tok.apply_chat_template(boxed, add_generation_prompt=True, tokenize=False)
+    assert raw.count(instruction) == 2
+    text = ev.render_prompt(tok, boxed)
+    assert text.count(instruction) == 1
+    assert text == (f"<|im_start|>system\n{instruction}<|im_end|>\n<|im_start|>user\nWhat is 1+1?<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    # the qwen_math_cot template renders the same text; a plain ChatML template is left alone
+    assert ev.render_prompt(tok, rd.resolve_template("qwen_math_cot").messages("What is 1+1?")) == text
+    plain = AutoTokenizer.from_pretrained(str(models.default_qwen_tokenizer_path()))
+    assert ev.render_prompt(plain, boxed) == plain.apply_chat_template(boxed, add_generation_prompt=True, tokenize=False)
 
 
 @pytest.mark.parametrize("path", EVAL_YAMLS, ids=lambda p: p.relative_to(CONF_DIR).as_posix())
@@ -204,6 +253,15 @@ def test_load_benchmark_prepares_on_demand(tmp_path):
     math500 = ev.load_benchmark("math500", tmp_path)
     assert len(math500) == 500 and math500[0].problem_id == "test/precalculus/807.json"
     assert math500[1].gold == "p - q"
+
+
+def test_load_benchmark_reads_olympiadbench_tolerance(tmp_path):
+    """OlympiadBench row 316 (gold 4.2, unit %, ``error`` "1e-1") carries its tolerance to the grader."""
+    require(DATA / "olympiadbench" / "test.jsonl")
+    problems = ev.load_benchmark("olympiadbench", tmp_path)
+    by_index = {p.index: p for p in problems}
+    assert (by_index[316].gold, by_index[316].tolerance) == ("4.2", 0.1)
+    assert sum(p.tolerance is not None for p in problems) == 1
 
 
 def test_load_benchmark_errors(tmp_path, monkeypatch):
