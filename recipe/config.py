@@ -261,6 +261,14 @@ class GroupFilterConfig(ConfigNode):
 # ----------------------------------------------------------------------------- replay
 
 CORRECTIONS = ("plain", "decoupled", "none")
+#: Which rows verl's token-level weights reach with ``correction=decoupled``.
+CORRECTION_ROWS = ("replayed", "all")
+
+
+def replay_fresh_count(fresh_fraction: float, batch_groups: int) -> int:
+    """Fresh groups of a B-group step once replay runs: max(1, floor(delta * B + 0.5)) (half
+    rounds up), at most B (:func:`recipe.algos.rollout_replay.fresh_count`)."""
+    return min(batch_groups, max(1, math.floor(fresh_fraction * batch_groups + 0.5)))
 
 
 @dataclass
@@ -269,32 +277,78 @@ class ReplayConfig(ConfigNode):
 
     Attributes:
         enable: replay at all; False = every step all fresh (plain GRPO).
-        capacity: C, buffer size in groups (paper: 256 or 512); the oldest group is evicted.
+        capacity: C, absolute buffer size in groups (the oldest group is evicted); null:
+            ``capacity_ratio`` sizes it. Exactly one of the two is set.
+        capacity_ratio: C = ceil(ratio x fresh groups per step), the fresh groups being
+            ``round(fresh_fraction x data.train_batch_size)``. Default 2.0: the public code's
+            ``buffer_size`` 512 with 256 fresh groups per step (the paper: C = 256-512 with 256
+            fresh groups, ratio 1-2). Keeps the replayed groups 1-2 steps old whatever the batch.
         fresh_fraction: delta in (0, 1], fraction of the B groups of a step generated fresh (0.5).
+        warmup_steps: the first mu steps are all fresh (public code: its first selection round
+            of mu = 2 steps); replay starts at step ``warmup_steps + 1`` at the earliest.
         store_only_mixed: store only groups with 0 < mean correctness < 1 (paper).
         dedup_by_prompt: a new group of a stored prompt replaces the old one (public code).
         correction: off-policy correction of replayed rows: "plain" (paper), "decoupled"
             (public code) or "none".
+        correction_rows: with ``correction=decoupled``, the rows verl's token-level weights
+            reach: "replayed" (public code: fresh rows weight exactly 1) or "all" (fresh rows
+            also get pi_old / pi_rollout, verl's rollout-engine mismatch correction).
         truncation: c >= 1 caps the behaviour weight pi_old / mu (None = no cap, as paper/code).
         reuse_advantages: replayed groups keep the advantages stored with them (paper) instead of
             recomputed ones (identical for group-relative estimators such as GRPO).
         seed: seed of the sampling generator.
         metric: ``reward_extra_info`` key with per-response correctness in [0, 1].
+
+    Raises:
+        ValueError: a bad value, or both / neither of ``capacity`` and ``capacity_ratio`` set.
     """
 
     PREFIX: ClassVar[str] = "replay"
 
     enable: bool = field(default=False, metadata=rule("bool"))
-    capacity: int = field(default=256, metadata=rule("int", _positive, "an integer > 0"))
+    capacity: int | None = field(default=None, metadata=rule("int", _positive, "an integer > 0", optional=True))
+    capacity_ratio: float | None = field(default=2.0, metadata=rule("real", _positive, "a number > 0",
+                                                                    optional=True))
     fresh_fraction: float = field(default=0.5, metadata=rule("real", lambda v: 0.0 < v <= 1.0, "in (0, 1]"))
+    warmup_steps: int = field(default=2, metadata=rule("int", lambda v: v >= 0, "an integer >= 0"))
     store_only_mixed: bool = field(default=True, metadata=rule("bool"))
     dedup_by_prompt: bool = field(default=True, metadata=rule("bool"))
     correction: str = field(default="decoupled", metadata=rule("str", choices=CORRECTIONS))
+    correction_rows: str = field(default="replayed", metadata=rule("str", choices=CORRECTION_ROWS))
     truncation: float | None = field(default=None, metadata=rule("real", _at_least_one, "a number >= 1",
                                                                  optional=True))
     reuse_advantages: bool = field(default=True, metadata=rule("bool"))
     seed: int = field(default=0, metadata=rule("int"))
     metric: str = field(default="acc", metadata=rule("str"))
+
+    def check(self) -> None:
+        if self.capacity is not None and self.capacity_ratio is not None:
+            raise ValueError(f"replay.capacity={self.capacity} and replay.capacity_ratio={self.capacity_ratio} are "
+                             "both set; keep one (replay.capacity_ratio=null for an absolute size)")
+        if self.capacity is None and self.capacity_ratio is None:
+            raise ValueError("replay.capacity and replay.capacity_ratio are both null; set one "
+                             "(replay.capacity_ratio=2.0: C = 2 x the fresh groups per step)")
+        if self.correction_rows == "all" and self.correction != "decoupled":
+            raise ValueError(f"replay.correction_rows=all puts verl's token-level weights on every row and needs "
+                             f"replay.correction=decoupled, got replay.correction={self.correction}")
+
+    def buffer_capacity(self, batch_groups: int | None) -> int:
+        """C in groups: ``capacity``, else ceil(``capacity_ratio`` x fresh groups per step).
+
+        Args:
+            batch_groups: B, groups (prompts) per step (``data.train_batch_size``); needed
+                only with ``capacity_ratio``.
+
+        Raises:
+            ValueError: ``capacity_ratio`` without ``batch_groups`` (an integer >= 1).
+        """
+        if self.capacity is not None:
+            return int(self.capacity)
+        if not is_int(batch_groups) or batch_groups < 1:
+            raise ValueError(f"replay.capacity_ratio={self.capacity_ratio} sizes the buffer from the groups per "
+                             f"step (data.train_batch_size), got {batch_groups!r}")
+        n_fresh = replay_fresh_count(self.fresh_fraction, int(batch_groups))
+        return max(1, math.ceil(self.capacity_ratio * n_fresh - 1e-9))
 
 
 # ----------------------------------------------------------------------------- dots
@@ -309,9 +363,16 @@ class DotsConfig(ConfigNode):
     Attributes:
         enable: turn DOTS on.
         every: mu, steps between reference rounds (paper 2).
-        ref_size: K, reference questions per round (paper 256; 128 works about as well).
+        ref_size: K, reference questions per round (paper 256); null (default): sized from
+            the batch by ``reference_ratio`` (:func:`dots_reference_size`).
+        reference_ratio: reference rollouts per round / fresh training rollouts of the
+            ``every`` steps it serves, used when ``ref_size`` is null (public code: 0.5).
         ref_samples: G, rollouts per reference question (paper 8).
-        holdout: share of the reference set held out to report ``dots/pred_pearson``.
+        holdout_size: reference questions held out each round and predicted from the others
+            to report ``dots/pred_pearson`` (0: off; else >= 3; the reference set must keep
+            ``DOTS_MIN_FIT`` more).
+        selection: ``per_round`` (public code: each round samples from the whole training
+            set) or ``per_epoch`` (no question repeats before every question was served).
         tau: selection temperature (paper 1e-3: "closest to 0.5 first").
         target: preferred difficulty (0.5 maximises p(1-p), the expected gradient signal).
         encoder: HF model path for the embeddings (null: the policy's base model).
@@ -329,9 +390,12 @@ class DotsConfig(ConfigNode):
 
     enable: bool = field(default=False, metadata=rule("bool"))
     every: int = field(default=2, metadata=rule("int", _at_least_one, "an integer >= 1"))
-    ref_size: int = field(default=256, metadata=rule("int", lambda v: v >= 2, "an integer >= 2"))
+    ref_size: int | None = field(default=None, metadata=rule("int", lambda v: v >= 2, "an integer >= 2",
+                                                             optional=True))
+    reference_ratio: float = field(default=0.5, metadata=rule("real", _positive, "a number > 0"))
     ref_samples: int = field(default=8, metadata=rule("int", _at_least_one, "an integer >= 1"))
-    holdout: float = field(default=0.25, metadata=rule("real", lambda v: 0.0 <= v < 1.0, "in [0, 1)"))
+    holdout_size: int = field(default=32, metadata=rule("int", lambda v: v == 0 or v >= 3, "0 or an integer >= 3"))
+    selection: str = field(default="per_round", metadata=rule("str", choices=("per_round", "per_epoch")))
     tau: float = field(default=1e-3, metadata=rule("real", _positive, "a number > 0"))
     target: float = field(default=0.5, metadata=rule("real", _unit, "in [0, 1]"))
     encoder: str | None = field(default=None, metadata=rule("str", optional=True))
@@ -344,12 +408,55 @@ class DotsConfig(ConfigNode):
     seed: int = field(default=0, metadata=rule("int"))
     rounds_file: str | None = field(default=None, metadata=rule("str", optional=True))
 
+    def check(self) -> None:
+        if self.ref_size is not None:
+            check_dots_reference(self.ref_size, self.holdout_size, "dots.ref_size")
+
+
+#: References a round keeps besides its ``dots.holdout_size`` held-out questions.
+DOTS_MIN_FIT = 4
+
+
+def check_dots_reference(ref_size: int, holdout_size: int, origin: str) -> None:
+    """The reference set must hold ``holdout_size`` + :data:`DOTS_MIN_FIT` questions when held-out
+    Pearson is on. Raises ConfigError naming ``origin`` (the key or arithmetic that set K)."""
+    if holdout_size and ref_size < holdout_size + DOTS_MIN_FIT:
+        raise ConfigError(
+            f"{origin}: K = {ref_size} reference questions cannot hold dots.holdout_size={holdout_size} held-out "
+            f"questions plus {DOTS_MIN_FIT} to predict them from; need K >= {holdout_size + DOTS_MIN_FIT}: raise "
+            "dots.ref_size (or dots.reference_ratio / the batch), lower dots.holdout_size, or set it to 0 to turn "
+            "the per-round Pearson off")
+
+
+def dots_reference_size(cfg) -> int:
+    """K of every reference round: ``dots.ref_size``, or, when null, :func:`recipe.algos.dots.reference_size`
+    of ``dots.reference_ratio``, ``dots.every``, the fresh prompts per step (``data.train_batch_size``,
+    times ``replay.fresh_fraction`` rounded half up when replay is on), ``actor_rollout_ref.rollout.n``
+    and ``dots.ref_samples``.
+
+    Raises:
+        ConfigError: K too small for ``dots.holdout_size`` (:func:`check_dots_reference`).
+    """
+    from recipe.algos.dots import reference_size
+
+    dots = load_node(cfg, "dots")
+    if dots.ref_size is not None:
+        return dots.ref_size
+    batch, n = int(cfg.data.train_batch_size), int(cfg.actor_rollout_ref.rollout.n)
+    replay = load_node(cfg, "replay")
+    fresh = max(1, int(math.floor(replay.fresh_fraction * batch + 0.5))) if replay.enable else batch
+    k = max(2, reference_size(dots.reference_ratio, dots.every, fresh, n, dots.ref_samples))
+    check_dots_reference(k, dots.holdout_size, f"dots.ref_size=null sizes K = ceil(dots.reference_ratio "
+                         f"{dots.reference_ratio} x dots.every {dots.every} x {fresh} fresh prompts per step x "
+                         f"rollout.n {n} / dots.ref_samples {dots.ref_samples}) = {k}")
+    return k
+
 
 # ----------------------------------------------------------------------------- preference / lorr
 
 PAIR_MODES = ("best_worst", "random", "all")
 REFERENCES = ("iteration_start", "initial")
-RESET_UNITS = ("replays", "iterations")
+RESET_UNITS = ("iterations", "epochs", "replays")
 
 
 def _valid_regex(pattern: str) -> bool:
@@ -358,6 +465,27 @@ def _valid_regex(pattern: str) -> bool:
     except re.error:
         return False
     return True
+
+
+@dataclass(frozen=True)
+class PreferenceIterationConfig(ConfigNode):
+    """``preference.iteration``: what one iteration of iterative DPO / LoRR is
+    (:func:`recipe.algos.lorr.schedule`).
+
+    Attributes:
+        rollout_steps: >= 1, training steps whose rollouts (all by the iteration-start policy:
+            no update in between) form one iteration's pairs; the last of them trains.
+        mini_batch_pairs: pairs per optimizer step (rounded down to whole micro-batches on every
+            rank); null = all of the iteration's pairs in one optimizer step per epoch.
+        shuffle: shuffle the pairs before every epoch (seeded by ``preference.seed``).
+    """
+
+    PREFIX: ClassVar[str] = "preference.iteration"
+
+    rollout_steps: int = field(default=1, metadata=rule("int", _at_least_one, "an integer >= 1"))
+    mini_batch_pairs: int | None = field(default=None, metadata=rule("int", _at_least_one, "an integer >= 1",
+                                                                     optional=True))
+    shuffle: bool = field(default=True, metadata=rule("bool"))
 
 
 @dataclass(frozen=True)
@@ -380,8 +508,9 @@ class PreferenceConfig(ConfigNode):
         seed: seed of the ``random`` pair generator.
         score_key: ``reward_extra_info`` key whose per-response value scores responses for
             pairing; None = the sequence reward (sum of the token-level scores).
-        iteration_steps: >= 1, training steps per iteration: with ``reference:
-            iteration_start`` the reference is refreshed every this many steps.
+        iteration: :class:`PreferenceIterationConfig` (a mapping is converted): rollout steps
+            per iteration, mini-batches of the training phase. (``iteration_steps``, the former
+            reference-refresh period, is gone: the reference is refreshed once per iteration.)
     """
 
     PREFIX: ClassVar[str] = "preference"
@@ -396,11 +525,20 @@ class PreferenceConfig(ConfigNode):
     length_normalize: bool | None = field(default=None, metadata=rule("bool", optional=True))
     seed: int = field(default=0, metadata=rule("int"))
     score_key: str | None = field(default=None, metadata=rule("str", optional=True))
-    iteration_steps: int = field(default=1, metadata=rule("int", _at_least_one, "an integer >= 1"))
+    iteration: PreferenceIterationConfig = field(default_factory=PreferenceIterationConfig)
+
+    @classmethod
+    def from_config(cls, node: Any):
+        if node is not None and not isinstance(node, cls) and "iteration_steps" in to_mapping(node, cls.PREFIX):
+            raise ValueError("preference.iteration_steps was replaced by preference.iteration.rollout_steps "
+                             "(steps whose rollouts form one iteration; the reference is refreshed once per "
+                             "iteration)")
+        return super().from_config(node)
 
     def check(self) -> None:
         from recipe.algos.preference import PREFERENCE_LOSSES
 
+        object.__setattr__(self, "iteration", PreferenceIterationConfig.from_config(self.iteration))
         check_value(self.PREFIX, "loss", self.loss, "str", choices=tuple(sorted(PREFERENCE_LOSSES)))
         if self.loss == "ipo" and self.label_smoothing != 0.0:
             raise ValueError(f"preference.label_smoothing must be 0 with preference.loss=ipo, "
@@ -441,8 +579,10 @@ class LorrResetConfig(ConfigNode):
         enable: reset at all.
         alpha: in [0, 1], theta <- alpha * theta + (1 - alpha) * theta_0 (paper 0.5).
         pattern: regular expression searched in parameter names (paper: MLP down projections).
-        every: >= 1, reset after every ``every`` units (see :func:`recipe.algos.lorr.reset_due`).
-        unit: "replays" (count replay passes over pair batches) or "iterations".
+        every: >= 1, reset after every ``every`` units (:func:`recipe.algos.lorr.reset_epochs`).
+        unit: "iterations" (after the epochs of every ``every``-th iteration; default, every 1:
+            after each iteration) or "epochs" (alias "replays": after every ``every``-th epoch
+            over the run, possibly between an iteration's epochs).
         reset_optimizer: also clear the optimizer state of the reset parameters.
     """
 
@@ -451,8 +591,8 @@ class LorrResetConfig(ConfigNode):
     enable: bool = field(default=True, metadata=rule("bool"))
     alpha: float = field(default=0.5, metadata=rule("real", _unit, "a number in [0, 1]"))
     pattern: str = field(default="down_proj", metadata=rule("str", _valid_regex, "a valid regular expression"))
-    every: int = field(default=3, metadata=rule("int", _at_least_one, "an integer >= 1"))
-    unit: str = field(default="replays", metadata=rule("str", choices=RESET_UNITS))
+    every: int = field(default=1, metadata=rule("int", _at_least_one, "an integer >= 1"))
+    unit: str = field(default="iterations", metadata=rule("str", choices=RESET_UNITS))
     reset_optimizer: bool = field(default=False, metadata=rule("bool"))
 
 
@@ -463,7 +603,7 @@ class LorrReuseConfig(ConfigNode):
     Attributes:
         enable: reuse at all.
         rollout_ratio: in [0, 1], probability of fresh rollouts (instead of reusing the initial
-            pairs) for an iteration once a reset has happened.
+            pairs: all of iteration 1's pairs) for an iteration once a reset has happened.
     """
 
     PREFIX: ClassVar[str] = "lorr.reuse"
@@ -495,7 +635,7 @@ class LorrConfig(ConfigNode):
 
     Attributes:
         enable: use LoRR; False = plain iterative DPO (see :meth:`effective`).
-        replays: L >= 1, passes over every batch of pairs (paper 3).
+        replays: L >= 1, epochs over every iteration's pairs (paper 3).
         reset: :class:`LorrResetConfig` (a mapping is converted).
         reuse: :class:`LorrReuseConfig`.
         sft: :class:`LorrSftConfig`.
@@ -585,6 +725,8 @@ def check_config(cfg) -> None:
             "algorithm.filter_groups.enable=true is verl's DAPO filter, which verl ignores with a custom sampler "
             f"(trainer.v1.sampler.custom_sampler.path={custom}); use group_filter.mode=refill instead"
         )
+    if load_node(cfg, "dots").enable:
+        dots_reference_size(cfg)  # K large enough for the held-out Pearson
     if cfg.algorithm.adv_estimator == "grpo" and rollout.n < 2:
         raise ConfigError(
             "algorithm.adv_estimator=grpo needs groups: set actor_rollout_ref.rollout.n >= 2 "
@@ -645,7 +787,11 @@ def configure_replay(cfg) -> None:
       (token-level IS weight pi_old / mu times PPO-clip): ``rollout_is`` becomes ``token``
       and ``rollout_is_threshold`` the truncation (``inf`` for none),
       unless ``rollout_is`` was set explicitly; it needs
-      ``actor_rollout_ref.rollout.calculate_log_probs=true``.
+      ``actor_rollout_ref.rollout.calculate_log_probs=true``. With ``correction_rows=replayed``
+      the stage sets fresh rows' ``rollout_log_probs`` to pi_old so that their weight is exactly 1,
+      which ``rollout_is_batch_normalize`` would undo (refused).
+    - the buffer must hold a step's replayed groups: C >= B - round(delta * B), else replay
+      never starts.
 
     Raises:
         ConfigError: on an incompatible setting.
@@ -659,6 +805,13 @@ def configure_replay(cfg) -> None:
 
     batch = int(cfg.data.train_batch_size)
     n_fresh = fresh_count(rcfg.fresh_fraction, batch)
+    capacity = rcfg.buffer_capacity(batch)
+    if capacity < batch - n_fresh:
+        what = (f"replay.capacity={rcfg.capacity}" if rcfg.capacity is not None else
+                f"replay.capacity_ratio={rcfg.capacity_ratio} x {n_fresh} fresh groups = {capacity}")
+        raise ConfigError(f"{what} cannot hold the {batch - n_fresh} replayed groups of a step "
+                          f"(data.train_batch_size={batch}, replay.fresh_fraction={rcfg.fresh_fraction}): "
+                          "replay would never start; raise it")
     gen = cfg.data.get("gen_batch_size", None)
     with open_dict(cfg):
         if gen is None:
@@ -678,6 +831,12 @@ def configure_replay(cfg) -> None:
             if rc.get("bypass_mode", False):
                 raise ConfigError(
                     "replay.correction=decoupled recomputes pi_old: algorithm.rollout_correction.bypass_mode must be false"
+                )
+            if rcfg.correction_rows == "replayed" and rc.get("rollout_is_batch_normalize", False):
+                raise ConfigError(
+                    "replay.correction_rows=replayed keeps fresh rows at weight 1, which "
+                    "algorithm.rollout_correction.rollout_is_batch_normalize=true rescales: set it false "
+                    "or replay.correction_rows=all"
                 )
             if rc.get("rollout_is") is None:
                 rc.rollout_is = "token"
@@ -716,7 +875,7 @@ def configure_preference(cfg) -> None:
                           "use preference.reference=initial")
     if int(actor.get("ppo_epochs", 1)) != 1:
         logger.warning("actor_rollout_ref.actor.ppo_epochs=%s is not used by preference recipes "
-                       "(passes over the pairs: lorr.replays)", actor.ppo_epochs)
+                       "(epochs over an iteration's pairs: lorr.replays)", actor.ppo_epochs)
 
 
 def check_all(cfg) -> None:

@@ -9,7 +9,13 @@ Optimization with Reset Replay", arXiv 2508.06412, docs/PAPERS.md §3); pure tor
   index k (:func:`sft_weight`; the loss itself is
   :func:`recipe.algos.preference.preference_microbatch_loss`);
 * reuse of the first-collected pairs after a reset, chosen by a Bernoulli rollout ratio
-  (:func:`reuse_initial`).
+  (:func:`reuse_initial`);
+* the iteration schedule (:func:`step_role`, :func:`epoch_lambdas`, :func:`reset_epochs`,
+  :func:`mini_batches`, :func:`schedule`): an iteration is a collection phase (one or more
+  rollout steps by the iteration-start policy, or the stored initial pairs) and then a
+  training phase on the last of its steps: L epochs over all of the iteration's pairs in
+  mini-batches (one optimizer step each), lambda_k in epoch k, the reference fixed for the
+  iteration, the reset after the iteration's epochs (or every ``every`` epochs).
 
 The settings are :class:`recipe.config.LorrConfig`. Parameters are ``(name, tensor)`` pairs
 of one rank's shard (FSDP2 local tensors), any dtype.
@@ -18,7 +24,8 @@ of one rank's shard (FSDP2 local tensors), any dtype.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,7 +34,7 @@ from recipe.config import is_int as _is_int
 from recipe.config import is_real as _is_real
 
 __all__ = ["module_matches", "interpolate_", "reset_named_parameters_", "snapshot", "sft_weight", "reset_due",
-           "reuse_initial"]
+           "reuse_initial", "step_role", "epoch_lambdas", "reset_epochs", "mini_batches", "StepPlan", "schedule"]
 
 
 def module_matches(name: str, pattern: str = "down_proj") -> bool:
@@ -146,3 +153,146 @@ def reuse_initial(rng: np.random.Generator, rollout_ratio: float, resets: int, h
     if resets <= 0 or not has_initial:
         return False
     return bool(rng.random() >= rollout_ratio)
+
+
+# ----------------------------------------------------------------------------- iteration schedule
+
+
+def step_role(position: int, rollout_steps: int, reuse: bool) -> tuple[bool, bool]:
+    """What a step does inside its iteration: ``(collect, train)``.
+
+    An iteration that draws fresh rollouts spans ``rollout_steps`` steps, all generating with
+    the iteration-start policy (no update in between); the last of them trains. An iteration
+    that reuses the initial pairs is one step that generates nothing and trains.
+
+    Args:
+        position: 0-based index of the step inside its iteration.
+        rollout_steps: >= 1, steps that generate an iteration's pairs.
+        reuse: the iteration trains on the initial pairs.
+
+    Returns:
+        ``(collect, train)``: the step generates rollouts; the step runs the L epochs.
+
+    Raises:
+        ValueError: position outside the iteration or rollout_steps < 1.
+    """
+    if not _is_int(rollout_steps) or rollout_steps < 1:
+        raise ValueError(f"preference.iteration.rollout_steps must be an integer >= 1, got {rollout_steps!r}")
+    last = 0 if reuse else rollout_steps - 1
+    if not _is_int(position) or not 0 <= position <= last:
+        raise ValueError(f"step position {position!r} lies outside an iteration of {last + 1} step(s)")
+    return (not reuse, position == last)
+
+
+def epoch_lambdas(epochs: int, growth: float, cap: float, enable: bool = True) -> tuple[float, ...]:
+    """lambda_k of epochs k = 0 .. epochs - 1 (:func:`sft_weight`; all 0 with the SFT term off).
+
+    Restarts at 0 in every iteration: k counts replays of the iteration's data (PAPERS.md §3)."""
+    if not _is_int(epochs) or epochs < 1:
+        raise ValueError(f"lorr.replays (epochs per iteration) must be an integer >= 1, got {epochs!r}")
+    return tuple(sft_weight(k, growth, cap) if enable else 0.0 for k in range(epochs))
+
+
+def reset_epochs(epochs: int, iteration: int, epochs_before: int, every: int, unit: str,
+                 enable: bool = True) -> tuple[int, ...]:
+    """The epochs of one iteration (0-based, inside it) after which a reset happens.
+
+    ``unit="iterations"``: after the last epoch of every ``every``-th iteration (1-based
+    ``iteration``); ``unit="epochs"`` (alias ``"replays"``): after every ``every``-th epoch
+    counted over the run (``epochs_before`` epochs were trained in earlier iterations), which
+    can fall between the epochs of an iteration.
+
+    Raises:
+        ValueError: unknown unit (names ``lorr.reset.unit``).
+    """
+    if not enable or every <= 0:
+        return ()
+    if unit == "iterations":
+        return (epochs - 1,) if reset_due(iteration, every) else ()
+    if unit in ("epochs", "replays"):
+        return tuple(k for k in range(epochs) if reset_due(epochs_before + k + 1, every))
+    raise ValueError(f"lorr.reset.unit must be one of ('iterations', 'epochs', 'replays'), got {unit!r}")
+
+
+def mini_batches(n_pairs: int, mini_batch_pairs: int | None, multiple: int = 1) -> list[int]:
+    """Pairs per optimizer step of one epoch over ``n_pairs`` pairs.
+
+    Args:
+        n_pairs: >= 0 pairs of the iteration.
+        mini_batch_pairs: pairs per mini-batch; None (or >= n_pairs) = one mini-batch.
+        multiple: the size of a full mini-batch is rounded down to a multiple of this (whole
+            micro-batches on every data-parallel rank), at least ``multiple``.
+
+    Returns:
+        Sizes in order, summing to ``n_pairs``; only the last may be smaller
+        (``[]`` for no pair). E.g. ``mini_batches(10, 4) == [4, 4, 2]``.
+    """
+    if n_pairs <= 0:
+        return []
+    if mini_batch_pairs is None or mini_batch_pairs >= n_pairs:
+        return [n_pairs]
+    size = max(multiple, mini_batch_pairs // multiple * multiple)
+    if size >= n_pairs:
+        return [n_pairs]
+    full, rest = divmod(n_pairs, size)
+    return [size] * full + ([rest] if rest else [])
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One training step of :func:`schedule`.
+
+    Attributes:
+        step: 1-based training step. iteration: 1-based iteration it belongs to.
+        collect: the step generates rollouts (False on a reuse iteration's step).
+        train: the step runs the iteration's epochs (the last step of the iteration).
+        reuse: the iteration trains on the initial pairs.
+        lambdas: lambda_k per epoch (empty unless ``train``).
+        resets_after: epochs (0-based) after which a reset happens (empty unless ``train``).
+        refresh_reference: the reference is set to the policy before this step's reference
+            log-probs (the training step of every iteration; the policy has not moved since the
+            iteration started, so this is the iteration-start policy).
+    """
+
+    step: int
+    iteration: int
+    collect: bool
+    train: bool
+    reuse: bool
+    lambdas: tuple[float, ...] = ()
+    resets_after: tuple[int, ...] = ()
+    refresh_reference: bool = False
+
+
+def schedule(steps: int, rollout_steps: int, epochs: int, reuse: Sequence[bool] = (), *, growth: float = 0.25,
+             cap: float = 0.5, sft: bool = True, reset: bool = True, every: int = 1, unit: str = "iterations",
+             reference: bool = True) -> list[StepPlan]:
+    """The plan of ``steps`` training steps (pure; the stage follows it step by step).
+
+    Args:
+        steps: training steps to plan.
+        rollout_steps: steps generating a fresh iteration's pairs.
+        epochs: L, epochs over an iteration's pairs (1 for plain iterative DPO).
+        reuse: per iteration (1-based index i -> ``reuse[i - 1]``), whether it trains on the
+            initial pairs (missing entries: False; iteration 1 never reuses).
+        growth, cap, sft: lambda_k = min(cap, growth k) when ``sft``.
+        reset, every, unit: the reset schedule (:func:`reset_epochs`).
+        reference: the loss has a reference refreshed at iterations' starts.
+
+    Returns:
+        One :class:`StepPlan` per step.
+    """
+    out: list[StepPlan] = []
+    iteration, position, epochs_done = 1, 0, 0
+    for step in range(1, steps + 1):
+        re_use = iteration > 1 and iteration - 1 < len(reuse) and bool(reuse[iteration - 1])
+        collect, train = step_role(position, rollout_steps, re_use)
+        if train:
+            out.append(StepPlan(step, iteration, collect, True, re_use, epoch_lambdas(epochs, growth, cap, sft),
+                                reset_epochs(epochs, iteration, epochs_done, every, unit, reset), reference))
+            epochs_done += epochs
+            iteration, position = iteration + 1, 0
+        else:
+            out.append(StepPlan(step, iteration, collect, False, re_use))
+            position += 1
+    return out

@@ -1,43 +1,59 @@
 """Iterative (online) DPO and LoRR inside verl's V1 trainer: the preference stage.
 
-One training step is one iteration of online preference optimisation:
+One **iteration** is a collection phase and then a training phase
+(:func:`recipe.algos.lorr.schedule`; ``preference.iteration``):
 
-1. **Rollouts** (verl's agent loop): ``n`` responses per prompt, verifier rewards.
-2. **Pairs** (``sample`` hook, after the group filter): each group (one
-   ``uid``) gives preference pairs by ``preference.pairs`` (:func:`recipe.algos.preference.build_pairs`;
-   groups without a reward gap are skipped). The pairs' rows replace the group's rows in
-   TransferQueue, laid out ``[c_0, r_0, c_1, r_1, ...]`` with the per-row fields
-   ``pair_id`` / ``is_chosen``.
-3. **Reference**: verl's reference worker computes ``ref_log_prob``. With
-   ``preference.reference: iteration_start`` its weights are first set to the current policy
-   by this project's worker method
-   (:meth:`recipe.stages.workers.RecipeActorRolloutRefWorker.recipe_sync_reference`) every
-   ``preference.iteration_steps`` steps; with ``initial`` it stays the initial model.
-4. **Updates** (``update_actor`` hook, replacing verl's): the pairs are trained on ``L`` times
-   (``lorr.replays``; 1 for plain iterative DPO), each pass one optimizer step per
-   mini-batch of all pairs (rows padded with zero-weight rows to a multiple of
-   2 x pairs per micro-batch (half of ``ppo_micro_batch_size_per_gpu``, at most
-   the step's pairs per rank) x data-parallel size, and verl's ``force_group_size=2`` keeps each pair in
-   one micro-batch and on one rank). Pass ``k`` (0-based) adds ``lambda_k`` times the NLL of
-   the chosen response (``lorr.sft``).
-5. **Reset** (``lorr.reset``): after every ``every`` replay passes (or iterations) the
+1. **Collection** (``preference.iteration.rollout_steps`` steps, 1 by default): each step's
+   rollouts (verl's agent loop, ``n`` responses per prompt, verifier rewards) become
+   preference pairs in the ``sample`` hook (after the group filter): each group (one ``uid``)
+   gives pairs by ``preference.pairs`` (:func:`recipe.algos.preference.build_pairs`; groups
+   without a reward gap are skipped). No update happens until the iteration's last step, so
+   every pair of the iteration comes from the iteration-start policy. The pairs of the
+   steps before the last are kept by the stage (their step is skipped: no log-probs, no
+   update); on the last step all of the iteration's pairs go into TransferQueue, laid out
+   ``[c_0, r_0, c_1, r_1, ...]`` with the per-row fields ``pair_id`` / ``is_chosen``.
+2. **Reference**: on the training step verl's reference worker computes ``ref_log_prob``
+   once for all of the iteration's pairs. With ``preference.reference: iteration_start``
+   its weights are first set to the current policy (which has not moved since the
+   iteration began) by this project's worker method
+   (:meth:`recipe.stages.workers.RecipeActorRolloutRefWorker.recipe_sync_reference`): the
+   reference is fixed for the iteration; with ``initial`` it stays the initial model.
+3. **Training** (``update_actor`` hook, replacing verl's): ``L`` epochs (``lorr.replays``;
+   1 for plain iterative DPO) over the iteration's pairs, each epoch in mini-batches of
+   ``preference.iteration.mini_batch_pairs`` pairs (shuffled per epoch), one
+   ``update_actor`` call and so one optimizer step per mini-batch. verl steps the LR
+   scheduler once per ``update_actor`` call (``update_lr_scheduler`` on its last mini-batch,
+   ``verl/workers/engine_workers.py`` ``train_mini_batch``), so the scheduler, like AdamW's
+   weight decay, advances once per optimizer step. Rows are padded with zero-weight rows to
+   a multiple of 2 x pairs per micro-batch (half of ``ppo_micro_batch_size_per_gpu``, at most
+   the pairs one rank gets) x data-parallel size; the padding rows go into the last
+   mini-batch, and verl's ``force_group_size=2`` keeps each pair in one micro-batch and on
+   one rank. Epoch ``k`` (0-based) adds ``lambda_k`` times the NLL of the chosen response
+   (``lorr.sft``).
+4. **Reset** (``lorr.reset``): after the iteration's last epoch (``unit: iterations``,
+   every ``every`` iterations; or ``unit: epochs`` every ``every`` epochs over the run) the
    matching parameters are pulled towards the initial weights,
    theta <- alpha * theta + (1 - alpha) * theta_0
    (:meth:`~recipe.stages.workers.RecipeActorRolloutRefWorker.recipe_lorr_reset`;
    arithmetic in :mod:`recipe.algos.lorr`).
-6. **Reuse** (``lorr.reuse``): the first step's pairs are kept; once a reset has happened,
-   each step draws fresh rollouts with probability ``rollout_ratio`` and otherwise trains on
-   the initial pairs again (no generation that step).
+5. **Reuse** (``lorr.reuse``): all of iteration 1's pairs are kept; once a reset has
+   happened, each iteration draws fresh rollouts with probability ``rollout_ratio`` and
+   otherwise is one step that trains on the initial pairs again (no generation), with
+   the reference refreshed to the policy of that iteration's start.
 
-State (replay counter, resets, the initial pairs, the RNG, theta_0 per rank) is saved with
-verl's checkpoints and restored on resume (``state_dict`` / ``save`` / ``load`` hooks).
+State (iteration, position in it, its pending pairs, epochs, optimizer steps, resets,
+reference refreshes, the initial pairs, the RNGs, theta_0 per rank) is saved with verl's
+checkpoints and restored on resume (``state_dict`` / ``save`` / ``load`` hooks); a
+checkpoint inside a collection phase needs no reference (it is set on the training step).
 Settings: :class:`recipe.config.PreferenceConfig`, :class:`recipe.config.LorrConfig`; the
 actor worker is :class:`recipe.stages.workers.RecipeActorRolloutRefWorker` (``worker_class``).
 
-Metrics: ``dpo/pairs``, ``dpo/skipped_groups``, ``dpo/fresh_rollouts``, ``dpo/fresh_score_mean``, ``dpo/reward_margin``,
-``dpo/reward_accuracy``, ``dpo/chosen_logps``, ``dpo/rejected_logps``, ``dpo/loss``,
-``lorr/resets``, ``lorr/replay_index``, ``lorr/sft_weight``, ``lorr/sft_loss``,
-``lorr/reused_initial``, ``lorr/reset_delta_norm``.
+Metrics: ``dpo/pairs``, ``dpo/skipped_groups``, ``dpo/fresh_rollouts``, ``dpo/fresh_score_mean``,
+``dpo/iteration_pairs``, ``dpo/reward_margin``, ``dpo/reward_accuracy``, ``dpo/chosen_logps``,
+``dpo/rejected_logps``, ``dpo/loss``, ``dpo/reference_refreshed``, ``dpo/reference_refreshes``,
+``lorr/iteration``, ``lorr/epoch``, ``lorr/replay_index``, ``lorr/optimizer_steps``,
+``lorr/resets``, ``lorr/sft_weight``, ``lorr/sft_loss``, ``lorr/reused_initial``,
+``lorr/reset_delta_norm``.
 """
 
 from __future__ import annotations
@@ -52,7 +68,7 @@ import transfer_queue as tq
 from tensordict import TensorDict
 from transfer_queue import KVBatchMeta
 
-from recipe.algos.lorr import reset_due, reuse_initial
+from recipe.algos.lorr import epoch_lambdas, mini_batches, reset_epochs, reuse_initial, step_role
 from recipe.algos.preference import build_pairs
 from recipe.config import LorrConfig, PreferenceConfig
 from recipe.stages.base import Handles, SampleContext, Stage, register_stage
@@ -137,21 +153,31 @@ class PreferenceStage(Stage):
     def __init__(self, cfg: PreferenceConfig, config):
         super().__init__(cfg, config)
         self.pref = cfg
+        self.it = cfg.iteration
         self.lorr = LorrConfig.from_config(config.get("lorr"))
         self.pair_rng = np.random.default_rng(self.pref.seed)  # "random" pairs
         self.rng = np.random.default_rng(self.pref.seed + 1)  # reuse draws
-        self.initial: dict[str, list] | None = None  # the first step's pairs (LoRR reuse)
-        self.reuse_next = False
-        self.replays = 0      # update passes so far (the reset schedule's counter in unit "replays")
-        self.iterations = 0   # steps with an update so far
+        self.shuffle_rng = np.random.default_rng(self.pref.seed + 2)  # mini-batch order per epoch
+        self.initial: dict[str, list] | None = None  # all of iteration 1's pairs (LoRR reuse)
+        self.pending: dict[str, list] | None = None  # pairs of the current iteration's earlier steps
+        self.iteration = 1        # the current (1-based) iteration
+        self.position = 0         # steps of the current iteration done so far
+        self.iteration_reuse = False  # the current iteration trains on the initial pairs
+        self.replays = 0          # epochs trained so far over the run (lorr/replay_index)
+        self.iterations = 0       # iterations trained so far
+        self.optimizer_steps = 0  # optimizer steps so far
         self.resets = 0
+        self.reference_refreshes = 0
         self.theta0: dict[str, Any] = {}
         self.micro_pairs = 1  # pairs per micro-batch of the current step (pad_multiple)
+        self.dp_size = 1
+        # the current step: its iteration, and whether it trains
+        self.step_iteration, self.step_trains = 1, True
 
     # ------------------------------------------------------------------ set-up
     @property
     def passes(self) -> int:
-        """Update passes per collected batch: ``lorr.replays`` with LoRR on, else 1."""
+        """Epochs over an iteration's pairs: ``lorr.replays`` with LoRR on, else 1."""
         return self.lorr.replays if self.lorr.enable else 1
 
     @property
@@ -179,23 +205,41 @@ class PreferenceStage(Stage):
 
     # ------------------------------------------------------------------ step
     def plan(self, h: Handles, n_fresh: int) -> tuple[int, dict]:
-        """Fresh prompts of this step: 0 when LoRR reuses the initial pairs, else ``n_fresh``."""
-        reuse = self.reuse_on and reuse_initial(self.rng, self.lorr.reuse.rollout_ratio, self.resets,
-                                                self.initial is not None)
-        self.reuse_next = bool(reuse)
-        return (0 if reuse else n_fresh), {}
+        """Fresh prompts of this step: 0 when the iteration reuses the initial pairs, else
+        ``n_fresh``. The reuse draw is made at an iteration's first step."""
+        if self.position == 0:
+            self.iteration_reuse = bool(self.reuse_on and reuse_initial(
+                self.rng, self.lorr.reuse.rollout_ratio, self.resets, self.initial is not None))
+        collect, _ = step_role(self.position, self.it.rollout_steps, self.iteration_reuse)
+        return (n_fresh if collect else 0), {}
+
+    def _advance(self, metrics: dict) -> bool:
+        """This step's place in the schedule: metrics, then move to the next step. Returns
+        whether this step trains (the iteration's last step)."""
+        _, train = step_role(self.position, self.it.rollout_steps, self.iteration_reuse)
+        self.step_iteration, self.step_trains = self.iteration, train
+        # counters as they stand (a training step overwrites them after its epochs)
+        metrics.update({"lorr/iteration": self.iteration, "lorr/reused_initial": int(self.iteration_reuse),
+                        "lorr/epoch": 0, "lorr/optimizer_steps": 0, "lorr/resets": self.resets,
+                        "lorr/replay_index": self.replays, "dpo/reference_refreshes": self.reference_refreshes})
+        if train:
+            self.iteration, self.position = self.iteration + 1, 0
+        else:
+            self.position += 1
+        return train
 
     def sample(self, ctx: SampleContext, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
-        """The step's groups become preference pairs (or the initial pairs come back)."""
-        if self.reuse_next and self.initial:
-            self.reuse_next = False
+        """The step's groups become preference pairs: kept for the iteration's training step,
+        or (on that step) put into TransferQueue with the iteration's earlier pairs; on a
+        reuse iteration the initial pairs come back."""
+        reuse = self.iteration_reuse and self.initial is not None
+        train = self._advance(metrics)
+        if reuse:
             return self._reuse_initial(ctx.partition_id, metrics)
-        self.reuse_next = False
-        metrics["lorr/reused_initial"] = 0
         if is_skipped(batch):
             metrics.update({"dpo/pairs": 0, "dpo/skipped_groups": 0,
                             "dpo/fresh_rollouts": sum(not is_padding(t) for t in batch.tags)})
-            return batch
+            return self._train_pending(ctx, batch, metrics) if train else batch
 
         partition_id = ctx.partition_id
         data = tq.kv_batch_get(keys=batch.keys, partition_id=partition_id)
@@ -208,19 +252,37 @@ class PreferenceStage(Stage):
         pairs = [(real[c], real[r]) for c, r in pairs]
         metrics.update({"dpo/pairs": len(pairs), "dpo/skipped_groups": stats.skipped_no_gap,
                         "dpo/fresh_rollouts": len(real), "dpo/fresh_score_mean": float(np.mean(scores))})
-        if not pairs:
-            logger.warning("step %d: no group has a reward gap; no preference pair, no update", ctx.step)
+        keys, prows, ptags = pair_rows(rows, list(batch.keys), list(batch.tags), pairs)
+        self.pending = _concat(self.pending, {"keys": keys, "rows": prows, "tags": ptags})
+        if not train:  # collection only: the pairs wait for the iteration's last step
+            metrics["dpo/iteration_pairs"] = len(self.pending["keys"]) // 2
             mark_skipped(batch.tags)
             return batch
+        return self._train_pending(ctx, batch, metrics)
 
-        keys, prows, ptags = pair_rows(rows, list(batch.keys), list(batch.tags), pairs)
-        # the source rows leave TransferQueue; verl clears the pair rows at the end of the step
-        tq.kv_clear(keys=list(batch.keys), partition_id=partition_id)
-        ctx.forget(batch.keys)
-        tq.kv_batch_put(keys=keys, partition_id=partition_id, fields=list_of_dict_to_tensordict(prows), tags=ptags)
-        if self.initial is None and self.reuse_on:
-            self.initial = {"keys": list(keys), "rows": prows, "tags": [dict(t) for t in ptags]}
-        return KVBatchMeta(partition_id=partition_id, keys=keys, tags=ptags)
+    def _train_pending(self, ctx: SampleContext, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
+        """All of the iteration's pairs (``pair_id`` renumbered 0..P-1) into TransferQueue in
+        place of the step's rollouts ``batch`` (they leave TransferQueue and the sampler);
+        iteration 1's become the initial pairs. Without any pair the step is skipped."""
+        pending, self.pending = self.pending, None
+        n = len(pending["keys"]) // 2 if pending else 0
+        metrics["dpo/iteration_pairs"] = n
+        if not n:
+            logger.warning("step %d: iteration %d has no preference pair (no group with a reward gap); no update",
+                           ctx.step, self.step_iteration)
+            mark_skipped(batch.tags)
+            return batch
+        if batch.keys:  # the source rows go; verl clears the pair rows at the end of the step
+            tq.kv_clear(keys=list(batch.keys), partition_id=ctx.partition_id)
+            ctx.forget(batch.keys)
+        for i, row in enumerate(pending["rows"]):
+            row[PAIR_ID] = torch.tensor(i // 2, dtype=torch.int64)
+        if self.initial is None and self.reuse_on and self.step_iteration == 1:
+            self.initial = {"keys": list(pending["keys"]), "rows": [clone_row(r) for r in pending["rows"]],
+                            "tags": [dict(t) for t in pending["tags"]]}
+        tq.kv_batch_put(keys=pending["keys"], partition_id=ctx.partition_id,
+                        fields=list_of_dict_to_tensordict(pending["rows"]), tags=pending["tags"])
+        return KVBatchMeta(partition_id=ctx.partition_id, keys=pending["keys"], tags=pending["tags"])
 
     def _reuse_initial(self, partition_id: str, metrics: dict) -> KVBatchMeta:
         """The stored initial pairs, written back into TransferQueue and tagged ``lorr_reused``."""
@@ -229,8 +291,8 @@ class PreferenceStage(Stage):
         rows = [clone_row(r) for r in init["rows"]]
         tq.kv_batch_put(keys=list(init["keys"]), partition_id=partition_id,
                         fields=list_of_dict_to_tensordict(rows), tags=tags)
-        metrics.update({"dpo/pairs": len(rows) // 2, "dpo/skipped_groups": 0, "dpo/fresh_rollouts": 0,
-                        "lorr/reused_initial": 1})
+        metrics.update({"dpo/pairs": len(rows) // 2, "dpo/iteration_pairs": len(rows) // 2, "dpo/skipped_groups": 0,
+                        "dpo/fresh_rollouts": 0})
         return KVBatchMeta(partition_id=partition_id, keys=list(init["keys"]), tags=tags)
 
     def balance(self, h: Handles, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
@@ -258,19 +320,20 @@ class PreferenceStage(Stage):
         self._pair_micro_batches(batch)
 
     def before_ref_log_prob(self, h: Handles, batch: KVBatchMeta, metrics: dict) -> None:
-        """Micro-batches of whole pairs; the reference := policy at an iteration's start."""
+        """Micro-batches of whole pairs; the reference := policy at the iteration's start."""
         self._pair_micro_batches(batch)
-        if self.refresh_reference(h.worker_group, h.step):
+        if self.refresh_reference(h.worker_group):
             metrics["dpo/reference_refreshed"] = 1
+        metrics["dpo/reference_refreshes"] = self.reference_refreshes
 
-    def refresh_reference(self, worker_group, global_steps: int) -> bool:
-        """With ``reference: iteration_start``: reference := policy at the first step of each
-        block of ``iteration_steps`` steps. Returns whether it was refreshed."""
-        if self.pref.reference != "iteration_start" or not self.pref.needs_reference:
-            return False
-        if (global_steps - 1) % self.pref.iteration_steps:
+    def refresh_reference(self, worker_group) -> bool:
+        """With ``reference: iteration_start``: reference := policy, on the training step of
+        each iteration (the only step that computes reference log-probs; the policy has not
+        moved since the iteration started). Returns whether it was refreshed."""
+        if self.pref.reference != "iteration_start" or not self.pref.needs_reference or not self.step_trains:
             return False
         worker_group.recipe_sync_reference()
+        self.reference_refreshes += 1
         return True
 
     def pad_multiple(self, dp_size: int, n_pairs: int) -> int:
@@ -284,6 +347,7 @@ class PreferenceStage(Stage):
         micro_rows = 2 if actor.get("use_dynamic_bsz", False) else int(actor.ppo_micro_batch_size_per_gpu or 2)
         per_rank = max(1, math.ceil(n_pairs / dp_size))
         self.micro_pairs = max(1, min(micro_rows // 2, per_rank))
+        self.dp_size = dp_size
         return 2 * self.micro_pairs * dp_size
 
     def write_pair_fields(self, batch: KVBatchMeta) -> int:
@@ -303,51 +367,80 @@ class PreferenceStage(Stage):
         self.update(h.worker_group, batch, metrics)
         return True
 
+    def mini_batch_keys(self, batch: KVBatchMeta, order: list[int], sizes: list[int]) -> list[tuple[list[str], list[dict], int]]:
+        """``(keys, tags, real pairs)`` of each mini-batch of one epoch: the pairs in ``order``
+        (indices of the real pairs, in row order ``[c_0, r_0, ...]``) cut into ``sizes``; the
+        padding rows join the last mini-batch (so every mini-batch's rows divide into whole
+        micro-batches on every rank)."""
+        real = real_indices(batch.tags)
+        pad = [i for i, t in enumerate(batch.tags) if is_padding(t)]
+        out, start = [], 0
+        for j, size in enumerate(sizes):
+            rows = [r for p in order[start:start + size] for r in (real[2 * p], real[2 * p + 1])]
+            if j == len(sizes) - 1:
+                rows += pad
+            out.append(([batch.keys[i] for i in rows], [batch.tags[i] for i in rows], size))
+            start += size
+        return out
+
     def update(self, wg, batch: KVBatchMeta, metrics: dict) -> None:
-        """``L`` update passes over the step's pairs (lambda_k per pass), resets when due."""
+        """The iteration's training phase: ``L`` epochs over its pairs in mini-batches, one
+        ``update_actor`` call (one optimizer step, one LR-scheduler step) each, lambda_k per
+        epoch, resets when due (module docstring)."""
         from verl.utils.metric import reduce_metrics
 
         actor = self.config.actor_rollout_ref.actor
-        passes: list[dict] = []
-        weights = []
-        for k in range(self.passes):
-            lam = self.lorr.sft_lambda(k)  # 0 unless LoRR and its SFT term are on
-            weights.append(lam)
+        n_pairs = len(real_indices(batch.tags)) // 2
+        sizes = mini_batches(n_pairs, self.it.mini_batch_pairs, self.micro_pairs * self.dp_size)
+        eff = self.lorr.effective()
+        lambdas = epoch_lambdas(self.passes, eff.sft.growth, eff.sft.cap, eff.sft.enable)
+        r = self.lorr.reset
+        resets_after = reset_epochs(self.passes, self.step_iteration, self.replays, r.every, r.unit, self.reset_on)
+        epochs: list[dict] = []
+        steps = 0
+        for k, lam in enumerate(lambdas):
             put_all(batch, {"sft_weight": torch.full((len(batch),), float(lam))})
-            batch.extra_info.update({
-                "calculate_entropy": False,
-                "global_batch_size": len(batch),
-                "mini_batch_size": len(batch),
-                "epochs": 1,
-                "seed": actor.data_loader_seed,
-                "dataloader_kwargs": {"shuffle": False},
-                "force_group_size": 2,
-                # with force_group_size 2 verl's micro-batch holds 2 x this many rows
-                "micro_batch_size_per_gpu": self.micro_pairs,
-                "temperature": self.config.actor_rollout_ref.rollout.temperature,
-            })
-            output = wg.update_actor(batch)
-            out = dict(output["metrics"])
-            out.pop("mfu", None)
-            passes.append(reduce_metrics({key if key.startswith(("dpo/", "lorr/", "actor/")) else f"actor/{key}": v
-                                          for key, v in out.items()}))
+            order = list(range(n_pairs))
+            if self.it.shuffle and len(sizes) > 1:
+                order = [int(i) for i in self.shuffle_rng.permutation(n_pairs)]
+            per_mb: list[tuple[dict, int]] = []
+            for keys, tags, size in self.mini_batch_keys(batch, order, sizes):
+                mb = KVBatchMeta(partition_id=batch.partition_id, keys=keys, tags=tags, fields=list(batch.fields or []))
+                put_all(mb, {"num_pairs": torch.full((len(keys),), float(size))})
+                mb.extra_info.update({
+                    "calculate_entropy": False,
+                    "global_batch_size": len(mb),
+                    "mini_batch_size": len(mb),
+                    "epochs": 1,
+                    "seed": actor.data_loader_seed,
+                    "dataloader_kwargs": {"shuffle": False},
+                    "force_group_size": 2,
+                    # with force_group_size 2 verl's micro-batch holds 2 x this many rows
+                    "micro_batch_size_per_gpu": self.micro_pairs,
+                    "temperature": self.config.actor_rollout_ref.rollout.temperature,
+                })
+                output = wg.update_actor(mb)
+                out = dict(output["metrics"])
+                out.pop("mfu", None)
+                per_mb.append((reduce_metrics({key if key.startswith(("dpo/", "lorr/", "actor/")) else f"actor/{key}": v
+                                               for key, v in out.items()}), size))
+                steps += 1
+                self.optimizer_steps += 1
+            epochs.append(_weighted_mean(per_mb))
             self.replays += 1
-            if self.reset_on and self.lorr.reset.unit == "replays" and reset_due(self.replays, self.lorr.reset.every):
+            if k in resets_after:
                 metrics.update(self.reset(wg))
         self.iterations += 1
-        if self.reset_on and self.lorr.reset.unit == "iterations" and reset_due(self.iterations, self.lorr.reset.every):
-            metrics.update(self.reset(wg))
-        for key in dict.fromkeys(k for p in passes for k in p):  # every pass's keys, first-seen order
-            vals = [float(p[key]) for p in passes
-                    if isinstance(p.get(key), (int, float, np.integer, np.floating)) and not isinstance(p[key], bool)]
+        for key in dict.fromkeys(k for e in epochs for k in e):  # every epoch's keys, first-seen order
+            vals = [e[key] for e in epochs if key in e]
             if vals:
                 metrics[key] = float(np.mean(vals))
-        # the last pass's pair statistics (how far the passes moved the margin)
+        # the last epoch's pair statistics (how far the epochs moved the margin)
         for key in ("dpo/reward_margin", "dpo/reward_accuracy"):
-            if key in passes[-1]:
-                metrics[f"{key}_last_pass"] = float(passes[-1][key])
-        metrics.update({"lorr/replay_index": self.replays, "lorr/resets": self.resets,
-                        "lorr/sft_weight": float(np.mean(weights))})
+            if key in epochs[-1]:
+                metrics[f"{key}_last_pass"] = float(epochs[-1][key])
+        metrics.update({"lorr/replay_index": self.replays, "lorr/epoch": len(epochs), "lorr/resets": self.resets,
+                        "lorr/optimizer_steps": steps, "lorr/sft_weight": float(np.mean(lambdas))})
 
     def reset(self, worker_group) -> dict:
         """Apply the LoRR reset on every rank; returns ``lorr/reset_delta_norm``."""
@@ -355,69 +448,77 @@ class PreferenceStage(Stage):
         out = worker_group.recipe_lorr_reset(r.alpha, r.pattern, r.reset_optimizer)
         self.resets += 1
         delta = float(sum(o["delta_norm"] ** 2 for o in out) ** 0.5)
-        print(f"[recipe] LoRR reset #{self.resets} after {self.replays} replay passes: alpha={r.alpha}, "
-              f"{len(out[0]['changed'])} tensors per rank, ||delta||={delta:.4g}", flush=True)
+        print(f"[recipe] LoRR reset #{self.resets} after {self.replays} epochs (iteration {self.step_iteration}): "
+              f"alpha={r.alpha}, {len(out[0]['changed'])} tensors per rank, ||delta||={delta:.4g}", flush=True)
         return {"lorr/reset_delta_norm": delta}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """Counters, both RNGs, the initial pairs and the pending reuse decision."""
+        """Counters, the schedule position, the RNGs, the initial and pending pairs."""
         return {"replays": self.replays, "iterations": self.iterations, "resets": self.resets,
+                "iteration": self.iteration, "position": self.position, "iteration_reuse": self.iteration_reuse,
+                "optimizer_steps": self.optimizer_steps, "reference_refreshes": self.reference_refreshes,
                 "rng": self.rng.bit_generator.state, "pair_rng": self.pair_rng.bit_generator.state,
-                "initial": self.initial, "reuse_next": self.reuse_next}
+                "shuffle_rng": self.shuffle_rng.bit_generator.state,
+                "initial": self.initial, "pending": self.pending}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`; also reads the layout written before the stage
-        protocol (``{"stage": counters + rng, "sampler": pair rng + initial pairs}``)."""
+        protocol (``{"stage": counters + rng, "sampler": pair rng + initial pairs}``) and
+        before real iterations (one step per iteration: ``iteration`` = steps trained + 1)."""
         if not state:
             return
         if "stage" in state or "sampler" in state:  # checkpoints of the pre-stage layout
             stage, sampler = state.get("stage") or {}, state.get("sampler") or {}
-            state = {**stage, "pair_rng": sampler.get("rng"), "initial": sampler.get("initial"),
-                     "reuse_next": sampler.get("reuse_next", False)}
+            state = {**stage, "pair_rng": sampler.get("rng"), "initial": sampler.get("initial")}
         self.replays, self.iterations, self.resets = int(state["replays"]), int(state["iterations"]), \
             int(state["resets"])
+        self.iteration = int(state.get("iteration", self.iterations + 1))
+        self.position = int(state.get("position", 0))
+        self.iteration_reuse = bool(state.get("iteration_reuse", False))
+        self.optimizer_steps = int(state.get("optimizer_steps", 0))
+        self.reference_refreshes = int(state.get("reference_refreshes", 0))
         self.rng.bit_generator.state = state["rng"]
         if state.get("pair_rng") is not None:
             self.pair_rng.bit_generator.state = state["pair_rng"]
+        if state.get("shuffle_rng") is not None:
+            self.shuffle_rng.bit_generator.state = state["shuffle_rng"]
         self.initial = state.get("initial")
-        self.reuse_next = bool(state.get("reuse_next", False))
-
-    def mid_iteration(self, step: int) -> bool:
-        """Whether a checkpoint taken after ``step`` lies inside an iteration whose reference
-        is the policy of its start (``reference: iteration_start``, ``iteration_steps`` > 1):
-        step ``step + 1`` is then not an iteration start, so a resume must restore that
-        reference instead of refreshing it."""
-        return (self.pref.reference == "iteration_start" and self.pref.needs_reference
-                and self.pref.iteration_steps > 1 and step % self.pref.iteration_steps != 0)
+        self.pending = state.get("pending")
 
     def save(self, h: Handles, folder: str) -> None:
-        """theta_0 of every rank beside the checkpoint (``lorr_theta0_rank{r}.pt``) and, inside
-        an iteration, the reference model (``reference_rank{r}.pt``)."""
+        """theta_0 of every rank beside the checkpoint (``lorr_theta0_rank{r}.pt``)."""
         if self.reset_on:
             h.worker_group.recipe_lorr_save(folder)
-        if self.mid_iteration(h.step):
-            h.worker_group.recipe_reference_save(folder)
 
     def load(self, h: Handles, folder: str) -> None:
-        """theta_0 and, inside an iteration, the reference model of every rank from the
-        checkpoint; prints what was restored.
-
-        A checkpoint inside an iteration without the reference files (written before they
-        were saved) resumes with a warning: the reference is then the initial model until
-        the next iteration starts.
-        """
+        """theta_0 of every rank from the checkpoint; prints what was restored."""
         fp = h.worker_group.recipe_lorr_load(folder) if self.reset_on else None
+        pending = len(self.pending["keys"]) // 2 if self.pending else 0
         print(f"[recipe] restored preference state: {self.replays} replay passes, {self.resets} resets, "
-              f"initial pairs {'kept' if self.initial else 'none'}, theta_0 fingerprint {fp and fp[0]}", flush=True)
-        if self.mid_iteration(h.step):
-            ref = h.worker_group.recipe_reference_load(folder)
-            if ref is None or ref[0] is None:
-                logger.warning("%s: resuming inside an iteration (step %d, preference.iteration_steps=%d) but the "
-                               "checkpoint has no reference_rank*.pt: the reference is the initial model until the "
-                               "next iteration starts", folder, h.step, self.pref.iteration_steps)
-                return
-            print(f"[recipe] restored reference model of the iteration's start (fingerprint {ref[0]})", flush=True)
+              f"initial pairs {'kept' if self.initial else 'none'}, theta_0 fingerprint {fp and fp[0]}; "
+              f"iteration {self.iteration} step {self.position + 1}, {pending} pending pairs", flush=True)
+
+
+def _concat(a: dict[str, list] | None, b: dict[str, list]) -> dict[str, list]:
+    """Pair rows of ``a`` then ``b`` (``{"keys", "rows", "tags"}``)."""
+    if not a:
+        return {k: list(v) for k, v in b.items()}
+    return {k: list(a[k]) + list(b[k]) for k in ("keys", "rows", "tags")}
+
+
+def _weighted_mean(per_mb: list[tuple[dict, int]]) -> dict[str, float]:
+    """Per-key mean over one epoch's mini-batches, weighted by their pairs (numeric values only)."""
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for m, _ in per_mb for k in m):
+        vals = [(float(m[key]), w) for m, w in per_mb
+                if isinstance(m.get(key), (int, float, np.integer, np.floating)) and not isinstance(m[key], bool)]
+        total = sum(w for _, w in vals)
+        if vals and total > 0:
+            out[key] = sum(v * w for v, w in vals) / total
+        elif vals:
+            out[key] = float(np.mean([v for v, _ in vals]))
+    return out
 
 
 def put_all(batch: KVBatchMeta, fields: dict[str, torch.Tensor]) -> None:

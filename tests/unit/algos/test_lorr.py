@@ -10,13 +10,19 @@ import pytest
 import torch
 
 from recipe.algos.lorr import (
+    StepPlan,
+    epoch_lambdas,
     interpolate_,
+    mini_batches,
     module_matches,
     reset_due,
+    reset_epochs,
     reset_named_parameters_,
     reuse_initial,
+    schedule,
     sft_weight,
     snapshot,
+    step_role,
 )
 
 # --------------------------------------------------------------------------- reset
@@ -152,3 +158,85 @@ def test_reuse_initial_ratio_edges():
     assert np.random.default_rng(0).random() == pytest.approx(0.6369616873214543)
     assert reuse_initial(np.random.default_rng(0), 0.6, 1, True) is True
     assert reuse_initial(np.random.default_rng(0), 0.7, 1, True) is False
+
+
+# --------------------------------------------------------------------------- iteration schedule
+
+
+def test_step_role_collection_then_training():
+    # 3 rollout steps: collect, collect, collect + train
+    assert [step_role(p, 3, False) for p in range(3)] == [(True, False), (True, False), (True, True)]
+    assert step_role(0, 1, False) == (True, True)  # one step per iteration
+    assert step_role(0, 3, True) == (False, True)  # a reuse iteration: one step, no rollouts
+    for bad in ((3, 3, False), (1, 3, True), (-1, 2, False)):
+        with pytest.raises(ValueError, match="outside an iteration"):
+            step_role(*bad)
+    with pytest.raises(ValueError, match="rollout_steps"):
+        step_role(0, 0, False)
+
+
+def test_epoch_lambdas_restart_each_iteration():
+    assert epoch_lambdas(3, 0.25, 0.5) == (0.0, 0.25, 0.5)
+    assert epoch_lambdas(5, 0.25, 0.5) == (0.0, 0.25, 0.5, 0.5, 0.5)  # capped
+    assert epoch_lambdas(3, 0.25, 0.5, enable=False) == (0.0, 0.0, 0.0)
+    assert epoch_lambdas(1, 0.25, 0.5) == (0.0,)
+    with pytest.raises(ValueError, match="lorr.replays"):
+        epoch_lambdas(0, 0.25, 0.5)
+
+
+def test_reset_epochs_units():
+    # after the last epoch of every iteration (the default) / every 2nd iteration
+    assert [reset_epochs(3, i, 3 * (i - 1), 1, "iterations") for i in (1, 2, 3)] == [(2,), (2,), (2,)]
+    assert [reset_epochs(3, i, 3 * (i - 1), 2, "iterations") for i in (1, 2, 3, 4)] == [(), (2,), (), (2,)]
+    # every 2 epochs over the run: epochs 2, 4, 6 -> iteration 1 after its 2nd, iteration 2 after
+    # its 1st (epoch 4) and 3rd (epoch 6)
+    assert reset_epochs(3, 1, 0, 2, "epochs") == (1,)
+    assert reset_epochs(3, 2, 3, 2, "epochs") == (0, 2)
+    assert reset_epochs(3, 2, 3, 2, "replays") == (0, 2)  # alias
+    assert reset_epochs(3, 1, 0, 1, "iterations", enable=False) == ()
+    with pytest.raises(ValueError, match="lorr.reset.unit"):
+        reset_epochs(3, 1, 0, 1, "steps")
+
+
+def test_mini_batches_by_hand():
+    assert mini_batches(10, 4) == [4, 4, 2]
+    assert mini_batches(10, None) == [10]
+    assert mini_batches(10, 10) == [10] and mini_batches(10, 32) == [10]
+    assert mini_batches(0, 4) == []
+    assert mini_batches(12, 4) == [4, 4, 4]
+    # whole micro-batches on every rank: 2 ranks x 2 pairs -> full mini-batches of 4, not 5
+    assert mini_batches(11, 5, multiple=4) == [4, 4, 3]
+    assert mini_batches(11, 3, multiple=4) == [4, 4, 3]  # at least one multiple
+    assert mini_batches(7, 4, multiple=8) == [7]
+
+
+def test_schedule_lorr_three_iterations_by_hand():
+    """The LoRR defaults with 2 rollout steps per iteration, L = 3, a reset after each
+    iteration, and iteration 3 reusing the initial pairs: steps 1-2 iteration 1 (collect,
+    collect + train), 3-4 iteration 2, 5 iteration 3 (reuse: no rollouts, trains), 6-7
+    iteration 4."""
+    plan = schedule(7, rollout_steps=2, epochs=3, reuse=[False, False, True])
+    lam = (0.0, 0.25, 0.5)
+    assert plan == [
+        StepPlan(1, 1, collect=True, train=False, reuse=False),
+        StepPlan(2, 1, True, True, False, lam, (2,), True),
+        StepPlan(3, 2, True, False, False),
+        StepPlan(4, 2, True, True, False, lam, (2,), True),
+        StepPlan(5, 3, False, True, True, lam, (2,), True),
+        StepPlan(6, 4, True, False, False),
+        StepPlan(7, 4, True, True, False, lam, (2,), True),
+    ]
+    # epochs trained: 3 per training step -> 12 in 7 steps; resets: 4
+    assert sum(len(p.lambdas) for p in plan) == 12 and sum(len(p.resets_after) for p in plan) == 4
+
+
+def test_schedule_iterative_dpo_and_reset_every_epochs():
+    plan = schedule(4, rollout_steps=1, epochs=1, sft=False, reset=False)
+    assert [(p.iteration, p.train, p.lambdas, p.resets_after) for p in plan] == [
+        (1, True, (0.0,), ()), (2, True, (0.0,), ()), (3, True, (0.0,), ()), (4, True, (0.0,), ())]
+    # L = 3, reset every 2 epochs over the run, 3 rollout steps: trains at steps 3 and 6
+    plan = schedule(6, rollout_steps=3, epochs=3, every=2, unit="epochs")
+    assert [p.step for p in plan if p.train] == [3, 6]
+    assert [p.resets_after for p in plan if p.train] == [(1,), (0, 2)]  # epochs 2 | 4, 6
+    assert not any(p.refresh_reference for p in plan if not p.train)
+    assert [p.refresh_reference for p in schedule(2, 1, 1, reference=False)] == [False, False]

@@ -171,8 +171,9 @@ def test_replay_bad_value_names_key(key, value):
 def test_dots_defaults():
     cfg = DotsConfig.from_config(None)
     assert cfg == DotsConfig() == DotsConfig.from_config({})
-    assert (cfg.enable, cfg.every, cfg.ref_size, cfg.ref_samples, cfg.holdout, cfg.tau, cfg.target) == (
-        False, 2, 256, 8, 0.25, 1e-3, 0.5)
+    assert (cfg.enable, cfg.every, cfg.ref_size, cfg.ref_samples, cfg.holdout_size, cfg.tau, cfg.target) == (
+        False, 2, None, 8, 32, 1e-3, 0.5)
+    assert (cfg.reference_ratio, cfg.selection) == (0.5, "per_round")
     assert (cfg.encoder, cfg.adapter, cfg.rounds_file, cfg.metric, cfg.seed) == (None, None, None, "acc", 0)
 
 
@@ -189,8 +190,8 @@ def test_dots_unknown_key_named():
         DotsConfig.from_config({"evry": 2})
 
 
-@pytest.mark.parametrize("key,value", [("every", 0), ("tau", 0), ("tau", -1e-3), ("holdout", 1), ("holdout", -0.1),
-                                       ("ref_size", 1), ("ref_samples", 0), ("target", 1.5)])
+@pytest.mark.parametrize("key,value", [("every", 0), ("tau", 0), ("tau", -1e-3), ("holdout_size", 2), ("holdout_size", -1),
+                                       ("reference_ratio", 0), ("selection", "per_step"), ("ref_size", 1), ("ref_samples", 0), ("target", 1.5)])
 def test_dots_out_of_range_names_key(key, value):
     with pytest.raises(ValueError, match=rf"^dots\.{key} must be .+, got {re.escape(repr(value))}$"):
         DotsConfig.from_config({key: value})
@@ -203,8 +204,9 @@ def test_dots_wrong_type_names_key(key, value):
 
 
 def test_dots_edges_accepted():
-    cfg = DotsConfig.from_config({"every": 1, "holdout": 0.0, "ref_size": 2, "ref_samples": 1, "target": 1.0})
-    assert (cfg.every, cfg.holdout, cfg.ref_size, cfg.ref_samples, cfg.target) == (1, 0.0, 2, 1, 1.0)
+    cfg = DotsConfig.from_config({"every": 1, "holdout_size": 0, "ref_size": 2, "ref_samples": 1, "target": 1.0})
+    assert (cfg.every, cfg.holdout_size, cfg.ref_size, cfg.ref_samples, cfg.target) == (1, 0, 2, 1, 1.0)
+    assert DotsConfig.from_config({"holdout_size": 3, "ref_size": 7}).ref_size == 7  # 3 held out + 4
 
 
 # ----------------------------------------------------------------------------- preference / lorr
@@ -254,14 +256,14 @@ def test_preference_config_ipo_rejects_label_smoothing():
 def test_lorr_config_defaults_nested_and_disabled():
     cfg = LorrConfig.from_config(None)
     assert (cfg.enable, cfg.replays) == (False, 3)
-    assert dataclasses.asdict(cfg.reset) == {"enable": True, "alpha": 0.5, "pattern": "down_proj", "every": 3,
-                                             "unit": "replays", "reset_optimizer": False}
+    assert dataclasses.asdict(cfg.reset) == {"enable": True, "alpha": 0.5, "pattern": "down_proj", "every": 1,
+                                             "unit": "iterations", "reset_optimizer": False}
     assert (cfg.reuse.enable, cfg.reuse.rollout_ratio) == (True, 0.5)
     assert (cfg.sft.enable, cfg.sft.growth, cfg.sft.cap) == (True, 0.25, 0.5)
-    node = OmegaConf.create({"enable": True, "replays": 5, "reset": {"alpha": 0, "unit": "iterations"},
+    node = OmegaConf.create({"enable": True, "replays": 5, "reset": {"alpha": 0, "unit": "epochs", "every": 3},
                              "sft": {"cap": 1}})
     on = LorrConfig.from_config(node)
-    assert isinstance(on.reset, LorrResetConfig) and on.reset.alpha == 0.0 and on.reset.unit == "iterations"
+    assert isinstance(on.reset, LorrResetConfig) and on.reset.alpha == 0.0 and on.reset.unit == "epochs"
     assert on.reset.every == 3 and on.sft.cap == 1.0 and on.replays == 5
     assert on.effective() is on and [on.sft_lambda(k) for k in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
     off = LorrConfig.disabled()
