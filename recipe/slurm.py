@@ -524,7 +524,20 @@ def _wait_for_nodes(address: str, n: int, timeout_s: float) -> None:
         ray.shutdown()  # verl's run_ppo calls ray.init itself, with its runtime_env
 
 
-def _lost_nodes(address: str, hosts: Mapping[str, str], settle_s: float = 10.0) -> list[str]:
+#: seconds the head waits, after a Ray error, for the GCS to mark a lost node dead (its health
+#: check declares a silent node dead after ~15 s: 5 missed checks 3 s apart)
+LOST_NODE_SETTLE_S = 30.0
+
+
+def _is_ray_error(e: BaseException) -> bool:
+    try:
+        from ray.exceptions import RayError
+    except ImportError:  # pragma: no cover - Ray is a dependency
+        return False
+    return isinstance(e, RayError)
+
+
+def _lost_nodes(address: str, hosts: Mapping[str, str], settle_s: float = 0.0) -> list[str]:
     """Nodes of the cluster at ``address`` that Ray marks dead, as ``"<ip> (<hostname>)"``.
 
     Called on the head after the trainer failed, to name a lost node in the job's log.
@@ -669,11 +682,14 @@ def ray_cluster_for_allocation(cfg: DictConfig, env: Mapping[str, str] | None = 
         _wait_for_nodes(address, alloc.num_nodes, timeout_s)
         _set_ray_init(cfg, address=address, num_cpus=None, num_gpus=None)
         yield NodeRole("head", True, address)
-    except BaseException:
+    except BaseException as e:
         # say why before stopping Ray: a driver still attached to a stopped cluster can be
         # aborted by Ray before Python prints the traceback
         logger.exception("stopping the Ray cluster after an error")
-        lost = _lost_nodes(address, {socket.gethostbyname(h): h for h in alloc.hostnames})
+        # a Ray error (an actor or worker died) may mean a lost node: give the GCS time to
+        # mark it dead; other errors (config, data) are not waited on
+        lost = _lost_nodes(address, {socket.gethostbyname(h): h for h in alloc.hostnames},
+                           settle_s=LOST_NODE_SETTLE_S if _is_ray_error(e) else 0.0)
         if lost:
             logger.error("Ray node(s) lost during the run: %s", ", ".join(lost))
             print(f"[recipe] error: Ray node(s) lost during the run: {', '.join(lost)}", file=sys.stderr, flush=True)

@@ -12,9 +12,10 @@
 #   bridge recipe-br0 in the root namespace, 10.213.0.1/24 (the "head end": slurmctld and
 #   the test driver reach the nodes through it); node N: namespace recipe-nN, hostname
 #   recipe-nN, address 10.213.0.(10+N) on its eth0 (the inside end of veth pair recipe-vN),
-#   loopback up, and /etc/netns/recipe-nN/hosts (which `ip netns exec` shows as /etc/hosts)
-#   naming every node. `exec` runs the command in a UTS namespace of its own whose hostname
-#   is the node's, so gethostname() resolves to the node's address (what gloo binds to).
+#   loopback up, and /etc/netns/recipe-nN/hosts naming every node. `exec` runs the command
+#   in the node's network namespace and in UTS and mount namespaces of its own: hostname
+#   recipe-nN and that hosts file bound on /etc/hosts, so gethostname() resolves to the
+#   node's address (what gloo binds to).
 #   The filesystem is shared: both nodes see the same /tmp, repository and venv.
 #
 # Exit status: 0 ok, 1 a step failed, 2 usage, 3 cannot run here (not root / no
@@ -62,7 +63,8 @@ link_exists() { ip link show "$1" >/dev/null 2>&1; }
 need_rights() {
   [ "$(id -u)" = 0 ] || unavailable "needs root (ip netns add, veth pairs, a bridge); run it as root or with sudo"
   command -v ip >/dev/null || unavailable "the 'ip' command (iproute2) is missing"
-  command -v unshare >/dev/null || unavailable "the 'unshare' command (util-linux) is missing"
+  command -v unshare >/dev/null && command -v nsenter >/dev/null \
+    || unavailable "the 'unshare' / 'nsenter' commands (util-linux) are missing"
   local capeff
   capeff=$(awk '/^CapEff:/ {print $2}' /proc/self/status)
   # CAP_NET_ADMIN is bit 12, CAP_SYS_ADMIN (namespaces, mounts) bit 21
@@ -185,7 +187,10 @@ cmd_exec() {
   shift
   [ $# -gt 0 ] || { echo "usage: $0 exec NODE CMD..." >&2; exit 2; }
   ns_exists "$(ns_name "$n")" || die "node $n is not up (scripts/netns.sh up)"
-  exec ip netns exec "$(ns_name "$n")" unshare --uts sh -c 'hostname "$0" && exec "$@"' "$(ns_name "$n")" "$@"
+  # (not `ip netns exec`: it remounts /sys, hiding /sys/fs/cgroup, which slurmd needs)
+  exec nsenter --net="/run/netns/$(ns_name "$n")" unshare --mount --uts \
+    sh -c 'mount --bind "$1" /etc/hosts && hostname "$0" && shift && exec "$@"' \
+    "$(ns_name "$n")" "$(hosts_file "$n")" "$@"
 }
 
 case "${1:-}" in

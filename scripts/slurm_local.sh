@@ -6,6 +6,14 @@
 #   eval "$(scripts/slurm_local.sh env)"   # SLURM_CONF for sbatch / sinfo / sacct / the submitit launcher
 #   scripts/slurm_local.sh stop     # cancel remaining jobs, stop the daemons this script started
 #
+# Two nodes (RECIPE_SLURM_NETNS=1): nodes recipe-n1 and recipe-n2, one slurmd in each of
+# the network namespaces of scripts/netns.sh (brought up by `start` when missing), each with
+# its own NodeName, address (10.213.0.11, .12), hostname, spool dir and log
+# (slurmd-recipe-nN.log); slurmctld, slurmdbd and MariaDB stay in the root namespace and the
+# nodes reach slurmctld on the bridge (10.213.0.1). Each node gets the machine's CPUs and half
+# its memory. SlurmdTimeout is short (20 s), so a killed node is marked down quickly. `stop`
+# leaves the namespaces up (scripts/netns.sh down removes them).
+#
 # Daemons: munged (private socket and key), MariaDB (127.0.0.1 only, data in the state dir),
 # slurmdbd (accounting, so that `sacct` works: without it submitit waits forever on a job
 # killed before writing its result), slurmctld and one slurmd, node `localhost`
@@ -23,6 +31,8 @@
 #   RECIPE_SLURM_PORTS    first of four TCP ports: slurmctld, slurmd, slurmdbd, MariaDB (default 6817)
 #   RECIPE_SLURM_TIMEOUT  seconds to wait for each daemon (default 60)
 #   RECIPE_SLURM_MEM_MARGIN_MB  memory kept back from the node's RealMemory (default 1024)
+#   RECIPE_SLURM_NETNS    1: two nodes in network namespaces (above); the mode a cold start
+#                         chose is kept in the state dir and used by status/stop
 set -euo pipefail
 
 STATE="${RECIPE_SLURM_DIR:-/tmp/recipe-slurm}"
@@ -36,7 +46,20 @@ DB_PORT=$((PORT0 + 3))
 CLUSTER=recipe
 ACCOUNT=recipe
 PACKAGES=(munge slurm-client slurmctld slurmd slurmdbd slurm-wlm-mysql-plugin mariadb-server mariadb-client)
-DAEMONS=(munged mariadb slurmdbd slurmctld slurmd)   # start order; stopped in reverse
+NETNS_SCRIPT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/netns.sh"
+NETNS_NODES=(recipe-n1 recipe-n2)    # names and addresses of scripts/netns.sh
+NETNS_ADDRS=(10.213.0.11 10.213.0.12)
+NETNS_GW=10.213.0.1
+# set_mode local|netns: the slurmd daemons of the mode
+set_mode() {
+  MODE=$1
+  if [ "$MODE" = netns ]; then SLURMDS=(slurmd-recipe-n1 slurmd-recipe-n2); else SLURMDS=(slurmd); fi
+  DAEMONS=(munged mariadb slurmdbd slurmctld "${SLURMDS[@]}")   # start order; stopped in reverse
+}
+env_mode() { case "${RECIPE_SLURM_NETNS:-0}" in 1) echo netns ;; 0|"") echo local ;;
+  *) echo "[slurm_local] RECIPE_SLURM_NETNS=$RECIPE_SLURM_NETNS: expected 0 or 1" >&2; exit 2 ;; esac; }
+# the mode of the cluster in the state dir (written at its cold start) wins over the variable
+if [ -f "$STATE/etc/mode" ]; then set_mode "$(cat "$STATE/etc/mode")"; else set_mode "$(env_mode)"; fi
 
 export SLURM_CONF="$STATE/etc/slurm.conf"
 export PATH="/usr/sbin:/sbin:$PATH"
@@ -52,7 +75,7 @@ unavailable() { echo "[slurm_local] unavailable: $*" >&2; exit 3; }
 
 pidfile() { echo "$STATE/run/$1.pid"; }
 # the executable each daemon runs as (to tell our PID from a reused one)
-binary() { case $1 in mariadb) echo mariadbd ;; *) echo "$1" ;; esac; }
+binary() { case $1 in mariadb) echo mariadbd ;; slurmd-*) echo slurmd ;; *) echo "$1" ;; esac; }
 # is process $1 alive (a zombie counts as dead: PID 1 in a container may never reap it)
 is_live() { kill -0 "$1" 2>/dev/null && ! grep -q '^[0-9]* ([^)]*) Z' "/proc/$1/stat" 2>/dev/null; }
 # PID of daemon $1 if this script started it and it still runs the daemon's executable
@@ -161,10 +184,30 @@ write_configs() {
   chmod 400 "$STATE/munge/munge.key"
   local auth="AuthInfo=socket=$STATE/munge-socket/munge.socket"
 
+  local ctld_addr=127.0.0.1 nodes_conf spool=$STATE/spool slurmd_pid=$STATE/run/slurmd.daemon.pid
+  local slurmd_log=$STATE/log/slurmd.log extra=""
+  if [ "$MODE" = netns ]; then
+    # two nodes sharing the machine: each gets its CPUs and half the memory; per-node spool,
+    # PID file and log (%n: the node's name); a killed node is noticed within ~20 s
+    ctld_addr=$NETNS_GW
+    mem=$((mem / 2))
+    spool="$STATE/spool/%n"; slurmd_pid="$STATE/run/slurmd-%n.daemon.pid"; slurmd_log="$STATE/log/slurmd-%n.log"
+    mkdir -p "$STATE/spool/${NETNS_NODES[0]}" "$STATE/spool/${NETNS_NODES[1]}"
+    nodes_conf="NodeName=${NETNS_NODES[0]} NodeAddr=${NETNS_ADDRS[0]} CPUs=$cpus $topo RealMemory=$mem State=UNKNOWN
+NodeName=${NETNS_NODES[1]} NodeAddr=${NETNS_ADDRS[1]} CPUs=$cpus $topo RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=${NETNS_NODES[0]},${NETNS_NODES[1]} Default=YES MaxTime=INFINITE State=UP"
+    extra="SlurmdTimeout=20
+MessageTimeout=5"
+  else
+    nodes_conf="NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus $topo RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP"
+  fi
+  echo "$MODE" >"$STATE/etc/mode"
+
   cat >"$SLURM_CONF" <<EOF
-# written by scripts/slurm_local.sh: single-node Slurm on localhost for tests
+# written by scripts/slurm_local.sh: $MODE Slurm for tests
 ClusterName=$CLUSTER
-SlurmctldHost=localhost(127.0.0.1)
+SlurmctldHost=localhost($ctld_addr)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=root
@@ -173,11 +216,11 @@ AuthType=auth/munge
 $auth
 CredType=cred/munge
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/spool
+SlurmdSpoolDir=$spool
 SlurmctldPidFile=$STATE/run/slurmctld.daemon.pid
-SlurmdPidFile=$STATE/run/slurmd.daemon.pid
+SlurmdPidFile=$slurmd_pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+SlurmdLogFile=$slurmd_log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -196,8 +239,8 @@ AccountingStoragePort=$DBD_PORT
 AccountingStoragePass=$STATE/munge-socket/munge.socket
 JobCompType=jobcomp/none
 KillWait=5
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus $topo RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+$extra
+$nodes_conf
 EOF
 
   cat >"$STATE/etc/slurmdbd.conf" <<EOF
@@ -266,11 +309,22 @@ start_daemons() {
     wait_for slurmctld "slurmctld on port $CTLD_PORT" scontrol ping
     say "slurmctld up ($(elapsed "$t") s)"
   fi
-  if ! alive_pid slurmd >/dev/null; then
+  node_idle() { local st; st=$(sinfo -h -n "$1" -o %t); [ "$st" = idle ]; }
+  if [ "$MODE" = netns ]; then
+    local i d node
+    for i in 0 1; do
+      d=${SLURMDS[$i]}; node=${NETNS_NODES[$i]}
+      alive_pid "$d" >/dev/null && continue
+      t=$(now_ms)
+      # in the node's namespace, with its hostname (scripts/netns.sh exec N)
+      launch "$d" bash "$NETNS_SCRIPT" exec $((i + 1)) slurmd -D -N "$node"
+      wait_for "$d" "node '$node' idle in sinfo" node_idle "$node"
+      say "$d up in namespace $node (${NETNS_ADDRS[$i]}), node idle ($(elapsed "$t") s)"
+    done
+  elif ! alive_pid slurmd >/dev/null; then
     t=$(now_ms)
     launch slurmd slurmd -D -N localhost
-    node_idle() { sinfo -h -n localhost -o %t | grep -qx 'idle'; }
-    wait_for slurmd "node 'localhost' idle in sinfo" node_idle
+    wait_for slurmd "node 'localhost' idle in sinfo" node_idle localhost
     say "slurmd up, node idle ($(elapsed "$t") s)"
   fi
   wait_for slurmdbd "sacct" sacct -n -X -S now
@@ -282,9 +336,17 @@ cmd_start() {
   exec 9>"${STATE%/}.lock"
   flock 9
   if any_running; then
-    say "already running in $STATE; starting whatever is missing"
+    say "already running in $STATE ($MODE); starting whatever is missing"
   else
+    set_mode "$(env_mode)"
     write_configs
+  fi
+  if [ "$MODE" = netns ]; then
+    bash "$NETNS_SCRIPT" status >/dev/null 2>&1 || {
+      local rc=0; bash "$NETNS_SCRIPT" up || rc=$?
+      [ $rc = 3 ] && unavailable "two-node mode needs the network namespaces of scripts/netns.sh (see above)"
+      [ $rc = 0 ] || die "scripts/netns.sh up failed"
+    }
   fi
   start_daemons
   say "Slurm ready in $(elapsed "$T0") s: $(sinfo -h -o '%P %D %t %c CPUs %m MB') (SLURM_CONF=$SLURM_CONF)"

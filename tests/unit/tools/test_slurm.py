@@ -245,8 +245,8 @@ class Recorder:
                             lambda port, temp_dir=None: self.calls.append(("forget", port)))
         monkeypatch.setattr(slurm, "_write_token", lambda path: self.calls.append(("write token", path)) or "tok")
         self.lost: list[str] = []  # what _lost_nodes reports
-        monkeypatch.setattr(slurm, "_lost_nodes", lambda addr, hosts: self.calls.append(("lost?", addr, dict(hosts)))
-                            or self.lost)
+        monkeypatch.setattr(slurm, "_lost_nodes", lambda addr, hosts, settle_s: self.calls.append(
+            ("lost?", addr, dict(hosts), settle_s)) or self.lost)
         monkeypatch.setattr(slurm, "_read_token", lambda path, t: self.calls.append(("read token", path)) or "tok")
         for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # restored after the test
             monkeypatch.setenv(key, "unset")
@@ -313,16 +313,21 @@ def test_head_stops_ray_when_training_fails(monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         with ray_cluster_for_allocation(_trainer_cfg(nnodes=2), env={**ENV2, "SLURM_NODEID": "0"}):
             raise RuntimeError("boom")
-    assert rec.calls[-3:] == [("lost?", "10.0.0.7:6379", {"10.0.0.7": "gpu07", "10.0.0.8": "gpu08"}),
+    # not a Ray error: no wait for a lost node
+    assert rec.calls[-3:] == [("lost?", "10.0.0.7:6379", {"10.0.0.7": "gpu07", "10.0.0.8": "gpu08"}, 0.0),
                               ("stop", "proc"), ("forget", 6379)]
 
 
 def test_head_names_a_lost_node_when_training_fails(monkeypatch, capsys):
     rec = Recorder(monkeypatch)
+    from ray.exceptions import ActorDiedError
+
     rec.lost = ["10.0.0.8 (gpu08)"]
-    with pytest.raises(RuntimeError, match="actor died"):
+    with pytest.raises(ActorDiedError):
         with ray_cluster_for_allocation(_trainer_cfg(nnodes=2), env={**ENV2, "SLURM_NODEID": "0"}):
-            raise RuntimeError("actor died")
+            raise ActorDiedError()
+    # a Ray error: the GCS gets time to mark the lost node dead
+    assert rec.calls[-3][3] == slurm.LOST_NODE_SETTLE_S
     assert "[recipe] error: Ray node(s) lost during the run: 10.0.0.8 (gpu08)" in capsys.readouterr().err
 
 
