@@ -174,3 +174,29 @@ def test_generator_records_processed_log_probs(base_model_dir, tok, seeded):
         assert seen == {a, b}, (mode, seen)
     with pytest.raises(ValueError, match="logprobs_mode"):
         HFGenerator(model, [ENDOFTEXT], 0, logprobs_mode="raw_logits")
+
+
+def test_training_rollouts_get_turn_stop_ids(tok):
+    """verl_patches.seeding's agent-loop wrap adds the turn-end stop ids to every request's sampling params."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from verl_patches import seeding
+
+    calls = []
+
+    async def original(self, sampling_params, trajectory, **kwargs):
+        calls.append(sampling_params)
+
+    wrapped = seeding._seeding(original)
+
+    def worker(custom):
+        return SimpleNamespace(tokenizer=tok, rollout_config={"seed": 0, "custom": custom},
+                               model_config=SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=ENDOFTEXT)))
+
+    asyncio.run(wrapped(worker({}), {"temperature": 1.0, "stop_token_ids": [5]}, None, uid="u", session_id=0))
+    assert calls[-1]["stop_token_ids"] == [5, ENDOFTEXT, IM_END] and "seed" in calls[-1]
+    asyncio.run(wrapped(worker({"stop_at_turn_end": False}), {"temperature": 1.0}, None, uid="u", session_id=0))
+    assert "stop_token_ids" not in calls[-1]
+    # a worker without a tokenizer (nothing to derive): unchanged
+    assert seeding.stop_params({"t": 1}, {}, []) == {"t": 1}
