@@ -157,7 +157,13 @@ cmd_down() {
       ip netns del "$ns"
       say "namespace $ns removed"
     fi
-    link_exists "$v" && ip link del "$v"
+    # (removing the namespace removes the pair, possibly a moment later)
+    local t
+    for t in $(seq 1 20); do
+      link_exists "$v" || break
+      ip link del "$v" 2>/dev/null || sleep 0.1
+    done
+    ! link_exists "$v" || die "cannot remove veth $v"
     rm -f "$(hosts_file "$i")"
     rmdir "$(dirname "$(hosts_file "$i")")" 2>/dev/null || true
   done
