@@ -478,6 +478,9 @@ class PreferenceIterationConfig(ConfigNode):
         mini_batch_pairs: pairs per optimizer step (rounded down to whole micro-batches on every
             rank); null = all of the iteration's pairs in one optimizer step per epoch.
         shuffle: shuffle the pairs before every epoch (seeded by ``preference.seed``).
+        max_iterations: stop after this many iterations (reuse iterations included): the steps
+            after it generate and train nothing; null = as many as ``trainer.total_training_steps``
+            allows (an unfinished last iteration trains nothing).
     """
 
     PREFIX: ClassVar[str] = "preference.iteration"
@@ -486,6 +489,8 @@ class PreferenceIterationConfig(ConfigNode):
     mini_batch_pairs: int | None = field(default=None, metadata=rule("int", _at_least_one, "an integer >= 1",
                                                                      optional=True))
     shuffle: bool = field(default=True, metadata=rule("bool"))
+    max_iterations: int | None = field(default=None, metadata=rule("int", _at_least_one, "an integer >= 1",
+                                                                   optional=True))
 
 
 @dataclass(frozen=True)

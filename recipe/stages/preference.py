@@ -171,6 +171,7 @@ class PreferenceStage(Stage):
         self.theta0: dict[str, Any] = {}
         self.micro_pairs = 1  # pairs per micro-batch of the current step (pad_multiple)
         self.dp_size = 1
+        self._done_warned = False
         # the current step: its iteration, and whether it trains
         self.step_iteration, self.step_trains = 1, True
 
@@ -207,11 +208,22 @@ class PreferenceStage(Stage):
     def plan(self, h: Handles, n_fresh: int) -> tuple[int, dict]:
         """Fresh prompts of this step: 0 when the iteration reuses the initial pairs, else
         ``n_fresh``. The reuse draw is made at an iteration's first step."""
+        if self.done:
+            if not self._done_warned:
+                logger.warning("preference.iteration.max_iterations=%d reached: the remaining steps generate and "
+                               "train nothing", self.it.max_iterations)
+                self._done_warned = True
+            return 0, {}
         if self.position == 0:
             self.iteration_reuse = bool(self.reuse_on and reuse_initial(
                 self.rng, self.lorr.reuse.rollout_ratio, self.resets, self.initial is not None))
         collect, _ = step_role(self.position, self.it.rollout_steps, self.iteration_reuse)
         return (n_fresh if collect else 0), {}
+
+    @property
+    def done(self) -> bool:
+        """``preference.iteration.max_iterations`` iterations are complete."""
+        return self.it.max_iterations is not None and self.iteration > self.it.max_iterations
 
     def _advance(self, metrics: dict) -> bool:
         """This step's place in the schedule: metrics, then move to the next step. Returns
@@ -232,6 +244,11 @@ class PreferenceStage(Stage):
         """The step's groups become preference pairs: kept for the iteration's training step,
         or (on that step) put into TransferQueue with the iteration's earlier pairs; on a
         reuse iteration the initial pairs come back."""
+        if self.done:  # after the last iteration: an empty batch, the step is skipped
+            metrics.update({"lorr/iteration": self.iteration - 1, "lorr/epoch": 0, "lorr/optimizer_steps": 0,
+                            "dpo/fresh_rollouts": 0, "dpo/pairs": 0})
+            mark_skipped(batch.tags)
+            return batch
         reuse = self.iteration_reuse and self.initial is not None
         train = self._advance(metrics)
         if reuse:

@@ -704,3 +704,17 @@ def test_update_averages_numpy_numbers_and_keys_of_later_epochs(fake_tq, monkeyp
     assert metrics["dpo/loss"] == pytest.approx(0.7)
     assert metrics["actor/n"] == pytest.approx(4.0)
     assert metrics["dpo/late"] == pytest.approx(2.0)
+
+
+def test_max_iterations_then_idle_steps(fake_tq):
+    """max_iterations = 2 with 2 rollout steps: steps 1-4 are iterations 1-2, steps 5-6
+    generate nothing (0 fresh prompts) and are skipped."""
+    stage = make_stage({"iteration": {"rollout_steps": 2, "max_iterations": 2}})
+    for s in range(1, 5):
+        n, out, m = step(stage, fake_tq, s, fresh_pair(f"s{s}"))
+        assert n == 4 and m["lorr/iteration"] == (s + 1) // 2
+        fake_tq.clear_partition()
+    for s in (5, 6):
+        n, out, m = step(stage, fake_tq, s, [])
+        assert n == 0 and len(out) == 0 and m["lorr/iteration"] == 2 and m["dpo/fresh_rollouts"] == 0
+    assert stage.iteration == 3
