@@ -358,11 +358,15 @@ class PreferenceStage(Stage):
 
         Pairs per micro-batch: half of ``ppo_micro_batch_size_per_gpu`` (a micro-batch holds
         about as many rows as configured), at most the pairs one rank gets, so that a small
-        step is not padded up to a large micro-batch. Stored for :meth:`update`.
+        step is not padded up to a large micro-batch, and at most one rank's share of
+        ``preference.iteration.mini_batch_pairs`` (a mini-batch is whole micro-batches on
+        every rank). Stored for :meth:`update`.
         """
         actor = self.config.actor_rollout_ref.actor
         micro_rows = 2 if actor.get("use_dynamic_bsz", False) else int(actor.ppo_micro_batch_size_per_gpu or 2)
         per_rank = max(1, math.ceil(n_pairs / dp_size))
+        if self.it.mini_batch_pairs is not None:
+            per_rank = min(per_rank, max(1, self.it.mini_batch_pairs // dp_size))
         self.micro_pairs = max(1, min(micro_rows // 2, per_rank))
         self.dp_size = dp_size
         return 2 * self.micro_pairs * dp_size

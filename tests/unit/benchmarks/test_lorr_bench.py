@@ -36,3 +36,65 @@ def test_rollouts_to_target_and_stats():
     assert s["rollouts_total"] == 192.0 and s["acc_at_budget"] == 0.3 and s["rollouts_to_target"] == 192.0
     assert s["resets"] == 2.0 and s["reused_steps"] == 1 and s["final_acc"] == 0.4 and s["best_acc"] == 0.4
     assert s["reward_accuracy_mean"] == 0.5 and s["wall_s"] == 8.0
+
+
+def test_variants_switch_one_part_off_each():
+    from benchmarks.lorr import variant_overrides
+
+    it = ["preference.iteration.rollout_steps=4", "preference.iteration.mini_batch_pairs=8"]
+    assert variant_overrides("iterative_dpo", 4, 8) == ("iterative_dpo", it)
+    assert variant_overrides("lorr_dpo", 4, 8) == ("lorr_dpo", it)
+    assert variant_overrides("lorr_no_reset", 4, 8) == ("lorr_dpo", [*it, "lorr.reset.enable=false"])
+    assert variant_overrides("lorr_no_reuse", 4, 8) == ("lorr_dpo", [*it, "lorr.reuse.enable=false"])
+    assert variant_overrides("lorr_no_sft", 2, None) == (
+        "lorr_dpo", ["preference.iteration.rollout_steps=2", "preference.iteration.mini_batch_pairs=null",
+                     "lorr.sft.enable=false"])
+    import pytest
+
+    with pytest.raises(KeyError, match="unknown variant"):
+        variant_overrides("lorr", 1, None)
+
+
+def test_paired_claim_and_collapse_by_hand():
+    import math
+
+    import pytest
+
+    from benchmarks.lorr import collapse_claim, paired_claim
+
+    stats = {("lorr_dpo", 0): {"acc_at_budget": 0.30}, ("iterative_dpo", 0): {"acc_at_budget": 0.25},
+             ("lorr_dpo", 1): {"acc_at_budget": 0.20}, ("iterative_dpo", 1): {"acc_at_budget": 0.30}}
+    c = paired_claim("x", "lorr_dpo", "iterative_dpo", stats, [0, 1], n_samples=400)
+    # diffs +.05, -.10: mean -.025; sd = .15 / sqrt(2) = .1061; sampling SE per seed
+    # sqrt((.3*.7 + .25*.75) / 400) = .03153, sqrt((.2*.8 + .3*.7) / 400) = .03041 -> 2 * .03097 / sqrt(2) = .0438
+    assert c["diffs"] == pytest.approx([0.05, -0.10]) and c["mean"] == pytest.approx(-0.025)
+    assert c["spread"] == pytest.approx(0.15 / math.sqrt(2))
+    assert c["verdict"] == "inconclusive (within spread)"
+    one = paired_claim("x", "lorr_dpo", "iterative_dpo", stats, [1], n_samples=400)
+    # one seed: spread = 2 * .03041 = .0608 < .10 -> does not hold
+    assert one["spread"] == pytest.approx(2 * math.sqrt(0.37 / 400)) and one["verdict"] == "does not hold"
+    assert paired_claim("x", "lorr_dpo", "iterative_dpo", stats, [0], 400)["verdict"] == "holds"
+    part = paired_claim("p", "lorr_dpo", "iterative_dpo", stats, [0], 10_000, at_least=False)
+    assert part["verdict"] == "helps"  # +.05 > 2 * sqrt(.3975 / 10000) = .0126
+    assert paired_claim("x", "a", "b", stats, [0], 400)["verdict"] == "no data"
+
+    runs = {("lorr_dpo", 0): {"start_acc": 0.25, "final_acc": 0.13}, ("lorr_dpo", 1): {"start_acc": 0.25,
+                                                                                     "final_acc": 0.22}}
+    col = collapse_claim(runs, [0, 1], n_samples=400)
+    # seed 0: drop .12 > 2 sqrt((.1875 + .1131) / 400) = .0548 -> collapse; seed 1: .03 < .0590
+    assert col["verdict"] == "does not hold"
+    assert [round(d, 3) for _, d, _ in col["falls"]] == [0.12, 0.03]
+    assert collapse_claim(runs, [1], 400)["verdict"] == "holds"
+
+
+def test_quick_settings_and_dry_run(capsys):
+    from benchmarks.lorr import main, settings, _parser
+
+    st = settings(_parser().parse_args(["--quick"]))
+    assert (st["seeds"], st["iterations"], st["rollout_steps"], st["steps"], st["test_freq"]) == ([0], 3, 2, 6, 2)
+    st = settings(_parser().parse_args(["--seeds", "3", "4", "--rollout-steps", "5"]))
+    assert (st["seeds"], st["steps"], st["mini_batch_pairs"]) == ([3, 4], 50, 8)
+    assert main(["--quick", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "5 runs of 6 steps" in out and "lorr_no_reuse_s0: recipe=lorr_dpo" in out
+    assert "lorr.reuse.enable=false" in out

@@ -371,6 +371,17 @@ def test_pad_multiple_by_hand(dp, n_pairs, micro, dynamic, micro_pairs, multiple
     assert stage.micro_pairs == micro_pairs
 
 
+@pytest.mark.parametrize("dp, n_pairs, mini, micro_pairs", [
+    (1, 40, 8, 8),   # 16 rows -> 8 pairs per micro-batch; mini-batch 8 pairs: 8
+    (1, 40, 3, 3),   # capped at the mini-batch
+    (2, 40, 8, 4),   # one rank's share of a mini-batch: 8 // 2
+    (4, 40, 2, 1),   # at least one pair
+])
+def test_pad_multiple_capped_by_mini_batch(dp, n_pairs, mini, micro_pairs):
+    stage = make_stage({"iteration": {"mini_batch_pairs": mini}}, micro=16)
+    assert stage.pad_multiple(dp, n_pairs) == 2 * micro_pairs * dp and stage.micro_pairs == micro_pairs
+
+
 def test_balance_pads_pairs_and_writes_pair_fields(fake_tq):
     stage = make_stage(micro=4)
     pairs = stage.sample(ctx(), put_rollouts(fake_tq, groups() + [response("ud", 0, [3.0]), response("ud", 1, [1.0])]),
