@@ -80,6 +80,10 @@ def test_eval_model_dir_then_resume(artifacts):
     assert "0 problems to generate (6 done already)" in proc.stdout
     again = check_outputs(out, proc.stdout)
     assert again["new_samples"] == 0 and again["metrics"] == first["metrics"]
+    assert (first["settings"]["grading"], first["settings"]["stops"]) == ("strict", "eos+turn_end")
+
+    proc = run_eval(artifacts, *args, "grading=harness", expect_rc=2)  # samples graded otherwise: named
+    assert "grading: 'strict' -> 'harness'" in proc.stderr
 
     proc = run_eval(artifacts, *args[:-1], "benchmarks=[math500,minerva]", f"out_dir={out}", expect_rc=2)
     assert "unknown benchmark 'minerva'" in proc.stderr and "minerva_math" in proc.stderr
