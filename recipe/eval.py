@@ -429,6 +429,7 @@ def load_benchmark(
     _check_template(path, rows, template)
     if max_problems is not None:
         rows = rows[: int(max_problems)]
+    from recipe.reward.golds import normalise_gold
     from recipe.reward.math_reward import gold_tolerance
 
     problems = []
@@ -443,7 +444,7 @@ def load_benchmark(
                 index=index,
                 problem_id=str(pid) if pid is not None else str(index),
                 messages=[{"role": m["role"], "content": m["content"]} for m in row["prompt"]],
-                gold=str(row["reward_model"]["ground_truth"]),
+                gold=normalise_gold(str(row["reward_model"]["ground_truth"]), benchmark),
                 tolerance=gold_tolerance(extra),
             )
         )

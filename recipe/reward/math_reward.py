@@ -34,9 +34,11 @@ from pathlib import Path
 from typing import Any
 
 try:
+    from recipe.reward.golds import normalise_gold
     from recipe.reward.grader import GradeOptions, GradeResult, GraderConfig, SafeGrader, get_grader
 except ImportError:  # loaded by file path with the repository root not on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from recipe.reward.golds import normalise_gold
     from recipe.reward.grader import GradeOptions, GradeResult, GraderConfig, SafeGrader, get_grader
 
 logger = logging.getLogger(__name__)
@@ -164,7 +166,9 @@ def _prepare_call(
     data_source: Any, ground_truth: Any, reward_kwargs: dict[str, Any]
 ) -> tuple[SafeGrader, str, list[str]]:
     grader = get_grader(**_split_kwargs(reward_kwargs))
-    return grader, answer_style(data_source), _golds(ground_truth)
+    # files prepared before the gold normalisation (issue 16) still grade right; idempotent
+    golds = [normalise_gold(g, str(data_source)) for g in _golds(ground_truth)]
+    return grader, answer_style(data_source), golds
 
 
 def compute_score(

@@ -116,3 +116,23 @@ def test_compute_score_modes_and_extra_info():
     assert compute_score("gsm8k", "The answer is 18", "18")["has_answer"] == 0
     with pytest.raises(ValueError, match="unknown grading mode"):
         compute_score("math500", "\\boxed{1}", "1", grading_mode="loose")
+
+
+def test_normalise_gold_cases_and_idempotence():
+    from recipe.reward.golds import normalise_gold
+
+    cases = {
+        "4.5e33": "4.5 \\times 10^{33}", "1e-5": "1 \\times 10^{-5}", "2.7778e-6": "2.7778 \\times 10^{-6}",
+        "-1./3": "-\\frac{1}{3}", "-3./2": "-\\frac{3}{2}", "np.arcsin(10/13)": "\\arcsin(10/13)",
+        "x_{0} \\cos (\\omega t)+$ $\\dot{x}_{0} \\sin (\\omega t) / \\omega":
+            "x_{0} \\cos (\\omega t)+ \\dot{x}_{0} \\sin (\\omega t) / \\omega",
+        "$\\frac{1}{2}$": "$\\frac{1}{2}$", "\\$5": "\\$5", "e^{2}": "e^{2}", "2e": "2e", "25": "25", "3.": "3",
+    }
+    for gold, want in cases.items():
+        assert normalise_gold(gold, "minerva_math") == want, gold
+        assert normalise_gold(want, "minerva_math") == want, want  # idempotent: old files grade the same
+
+
+def test_compute_score_normalises_old_golds():
+    """A gold prepared before the normalisation (``4.5e33``) still matches a natural answer."""
+    assert compute_score("minerva_math", "\\boxed{4.5 \\times 10^{33}}", "4.5e33")["acc"] == 1.0
