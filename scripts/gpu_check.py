@@ -575,6 +575,7 @@ def train_overrides(s: Settings, name: str, model: str, steps: int, ranks: int =
             "actor_rollout_ref.rollout.agent.num_workers=2",
             "dots.ref_size=16",
             "dots.ref_samples=4",
+            "dots.holdout_size=8",
             "dots.batch_size=8",
         ]
         if s.kv_cache_bytes:

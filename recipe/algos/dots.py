@@ -16,8 +16,13 @@ Difficulty-targeted Online Data Selection and Rollout Replay", arXiv 2506.05316
    at run time on leave-one-out predictions of the reference set
    (:func:`leave_one_out_predict`, :func:`fit_calibration`; public code's run-time refit);
 4. sample questions with P(q) ~ exp(-|d_hat_q - 0.5| / tau), tau = 1e-3, without
-   replacement within an epoch (:class:`DotsSelector`). Rationale: the expected squared
-   policy-gradient norm is proportional to p(1-p)(1-1/G), largest at p = 0.5.
+   replacement within a round, each round from the whole training set as the public code
+   does (or without replacement within an epoch; :class:`DotsSelector`). Rationale: the
+   expected squared policy-gradient norm is proportional to p(1-p)(1-1/G), largest at p = 0.5.
+
+The reference set is sized from the training batch (:func:`reference_size`): the public
+code rolls out 256 reference questions x 8 per round of mu = 2 steps of 256 fresh
+questions x 8, i.e. half as many reference rollouts as fresh training rollouts.
 
 **Identity projection (no adapter).** Raw mean-pooled LM states share a large common
 component and a few outlier dimensions, so their dot products barely depend on the
@@ -50,8 +55,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Adapter", "Calibration", "DotsSelector", "IDENTITY_TEMPERATURE", "adaptive_difficulty",
-    "attention_predict", "fit_calibration", "leave_one_out_predict", "pearson",
-    "pool_stats", "predict_difficulty", "project",
+    "attention_predict", "evaluate_heldout", "fit_calibration", "leave_one_out_predict", "pearson",
+    "pool_stats", "predict_difficulty", "project", "reference_size", "SELECTIONS",
 ]
 
 EPS = 1e-4  #: clip for logit(d_hat): d_hat in [EPS, 1 - EPS].
@@ -165,6 +170,8 @@ class Calibration:
 
     w: float = 1.0
     b: float = 0.0
+    #: True when :func:`fit_calibration` fell back to a constant (w = 0): no usable signal.
+    fallback: bool = False
 
     def __call__(self, d_hat) -> np.ndarray:
         """[N] predictions -> [N] float64 calibrated predictions in (0, 1)."""
@@ -220,7 +227,7 @@ def fit_calibration(pred, measured, l2: float = 1e-5, iters: int = 50) -> Calibr
         if np.max(np.abs(t * step)) < 1e-10:
             break
     if theta[0] < 0:  # anti-correlated on the references: do not invert, predict a constant
-        return Calibration(0.0, float(_logit(np.clip(y.mean(), EPS, 1 - EPS))))
+        return Calibration(0.0, float(_logit(np.clip(y.mean(), EPS, 1 - EPS))), fallback=True)
     return Calibration(float(theta[0]), float(theta[1]))
 
 
@@ -421,25 +428,61 @@ def predict_difficulty(query_emb, ref_emb, ref_difficulty, adapter: Adapter | No
     return cal(raw), cal
 
 
+#: ``dots.selection`` modes of :class:`DotsSelector`.
+SELECTIONS = ("per_round", "per_epoch")
+
+
+def reference_size(ratio: float, every: int, fresh_prompts: int, n: int, ref_samples: int) -> int:
+    """K, reference questions per round so that reference rollouts ~ ``ratio`` x fresh training rollouts.
+
+    K = ceil(ratio x every x fresh_prompts x n / ref_samples): a round serves ``every`` (mu)
+    steps of ``fresh_prompts`` fresh questions with ``n`` responses each, and each reference
+    question costs ``ref_samples`` (G) rollouts. The public DOTS code (ASTRAL-Group/
+    data-efficient-llm-rl, ``final_ds_teacher_replay.sh``: 512 questions per step, half
+    fresh, mu = 2, n = G = 8, ref_size 256) has ratio 256 x 8 / (2 x 256 x 8) = 0.5:
+    ``reference_size(0.5, 2, 256, 8, 8) == 256``.
+
+    Raises:
+        ValueError: a non-positive argument.
+    """
+    if not (ratio > 0 and every >= 1 and fresh_prompts >= 1 and n >= 1 and ref_samples >= 1):
+        raise ValueError(f"reference_size: need ratio > 0 and every, fresh_prompts, n, ref_samples >= 1; got "
+                         f"{ratio}, {every}, {fresh_prompts}, {n}, {ref_samples}")
+    return int(math.ceil(ratio * every * fresh_prompts * n / ref_samples - 1e-9))
+
+
 class DotsSelector:
     """Samples questions with P(q) ~ exp(-|d_hat_q - target| / tau) without replacement (DOTS paper; PAPERS.md §2).
 
     Sampling without replacement from that softmax = Gumbel-top-k: keys = logits + Gumbel
-    noise, take the n largest (no exp, so tau = 1e-3 is stable). An *epoch* uses every one of
-    the N questions once. ``select`` draws only from questions not yet used in the current
-    epoch. When fewer than n unused remain, it takes all r remaining (in key order), starts a
-    new epoch, and draws the other n - r from the questions not just taken; those n - r count
-    as used in the new epoch (the r do not), so no batch repeats a question and no question
-    repeats within an epoch. An epoch that ends exactly is rolled over on the next call.
+    noise, take the n largest (no exp, so tau = 1e-3 is stable), as the public code's
+    ``torch.multinomial(softmax, budget, replacement=False)``. ``select`` draws only from
+    questions not yet used in the current *pool*. With ``mode="per_round"`` (public code,
+    default) :meth:`start_round` (called at every reference round) returns every question to
+    the pool, so each round samples from the whole training set and a question repeats only
+    across rounds. With ``mode="per_epoch"`` the pool is an *epoch*: every one of the N
+    questions is used once before any repeats, and :meth:`start_round` does nothing.
+
+    When fewer than n unused remain, ``select`` takes all r remaining (in key order), refills
+    the pool (a new epoch), and draws the other n - r from the questions not just taken; those
+    n - r count as used in the new pool (the r do not), so no batch repeats a question. A pool
+    that ends exactly is refilled on the next call.
     """
 
-    def __init__(self, num_questions: int, seed: int = 0):
+    def __init__(self, num_questions: int, seed: int = 0, mode: str = "per_round"):
         if num_questions < 1:
             raise ValueError(f"DotsSelector: num_questions must be >= 1, got {num_questions}")
-        self.num_questions, self.seed = int(num_questions), int(seed)
+        if mode not in SELECTIONS:
+            raise ValueError(f"DotsSelector: mode must be one of {SELECTIONS}, got {mode!r}")
+        self.num_questions, self.seed, self.mode = int(num_questions), int(seed), mode
         self.used = np.zeros(self.num_questions, dtype=bool)
         self.epoch = 0
         self.rng = np.random.default_rng(seed)
+
+    def start_round(self) -> None:
+        """A new reference round: ``per_round`` returns every question to the pool; ``per_epoch`` keeps it."""
+        if self.mode == "per_round":
+            self.used[:] = False
 
     def _topk(self, logits: np.ndarray, pool: np.ndarray, k: int) -> np.ndarray:
         keys = logits[pool] + self.rng.gumbel(size=pool.size)
@@ -483,12 +526,13 @@ class DotsSelector:
         self.epoch += 1
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able state: used indices of the current epoch, epoch number, RNG state."""
-        return {"num_questions": self.num_questions, "seed": self.seed, "epoch": self.epoch,
+        """JSON-able state: used indices of the current pool, epoch number, mode, RNG state."""
+        return {"num_questions": self.num_questions, "seed": self.seed, "epoch": self.epoch, "mode": self.mode,
                 "used": np.flatnonzero(self.used).tolist(), "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict` output; raises ValueError on a different num_questions."""
+        """Restores :meth:`state_dict` output (the mode stays the constructor's: it is a setting);
+        raises ValueError on a different num_questions."""
         if int(state["num_questions"]) != self.num_questions:
             raise ValueError(f"DotsSelector.load_state_dict: state has num_questions={state['num_questions']}, "
                              f"selector has {self.num_questions}")
@@ -544,6 +588,58 @@ def evaluate_adapter(adapter: Adapter, emb, difficulty, groups=None, ref_size: i
     if n == 0:
         raise ValueError("evaluate_adapter: no group has 2 or more questions")
     return total / n, pearson(np.concatenate(preds), np.concatenate(targets))
+
+
+def evaluate_heldout(adapter: Adapter | None, emb, difficulty, groups, query_mask, ref_size: int = 256,
+                     seed: int = 0, stats=None) -> dict[str, Any]:
+    """Held-out prediction quality as a run uses the predictor (DOTS paper's evaluation on unseen questions).
+
+    For each group (one policy: a logged step, checkpoint or seed), up to ``ref_size`` of its
+    records whose ``query_mask`` is False are drawn as the reference set (seeded) and every
+    record with ``query_mask`` True is predicted from them through :func:`predict_difficulty`
+    (the adapter's calibration; without an adapter the identity projection with run-time
+    calibration). The references are measured, as in a reference round; the queries are
+    questions the adapter was not trained on.
+
+    Args:
+        adapter: trained :class:`Adapter`, or None (identity projection: the baseline).
+        emb: [M, H] embeddings of the M records. difficulty: [M] measured difficulties.
+        groups: [M] group ids. query_mask: [M] bool, True = held-out query.
+        ref_size: references per group. seed: reference draws. stats: identity projection
+            only, as in :func:`predict_difficulty`.
+
+    Returns:
+        {"pearson": pooled Pearson over all queries (NaN if undefined), "pearson_per_group":
+        {group: r}, "pearson_group_mean": mean of the defined per-group r (NaN if none),
+        "n_queries", "n_groups", "pred", "measured" ([Q] arrays, pooled)}.
+
+    Raises:
+        ValueError: shape mismatch, or no group with both >= 2 references and >= 1 query.
+    """
+    e = np.asarray(emb, np.float32)
+    d = np.asarray(difficulty, np.float64).reshape(-1)
+    g, q = np.asarray(groups).reshape(-1), np.asarray(query_mask, dtype=bool).reshape(-1)
+    if e.ndim != 2 or not (e.shape[0] == d.shape[0] == g.shape[0] == q.shape[0]):
+        raise ValueError(f"evaluate_heldout: emb [M, H], difficulty, groups, query_mask [M]; got {e.shape}, "
+                         f"{d.shape}, {g.shape}, {q.shape}")
+    rng = np.random.default_rng(seed)
+    preds, meas, per_group = [], [], {}
+    for grp in np.unique(g):
+        refs, queries = np.flatnonzero((g == grp) & ~q), np.flatnonzero((g == grp) & q)
+        if refs.size < 2 or queries.size == 0:
+            continue
+        refs = np.sort(rng.choice(refs, size=min(ref_size, refs.size), replace=False))
+        pred, _ = predict_difficulty(e[queries], e[refs], d[refs], adapter=adapter, stats=stats)
+        preds.append(pred)
+        meas.append(d[queries])
+        per_group[grp.item() if hasattr(grp, "item") else grp] = pearson(pred, d[queries])
+    if not preds:
+        raise ValueError("evaluate_heldout: no group has >= 2 reference records and >= 1 held-out query")
+    pred_all, meas_all = np.concatenate(preds), np.concatenate(meas)
+    defined = [r for r in per_group.values() if np.isfinite(r)]
+    return {"pearson": pearson(pred_all, meas_all), "pearson_per_group": per_group,
+            "pearson_group_mean": float(np.mean(defined)) if defined else float("nan"),
+            "n_queries": int(pred_all.size), "n_groups": len(per_group), "pred": pred_all, "measured": meas_all}
 
 
 def train_adapter(emb, difficulty, groups=None, epochs: int = 20, lr: float = 1e-3, batch_size: int = 256,

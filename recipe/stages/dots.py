@@ -5,18 +5,22 @@ stage hooks (:mod:`recipe.stages.base`; verl 0.9.1's V1 trainer has no curriculu
 hook: its dataloader sampler is fixed to random/sequential):
 
 - ``plan`` -> :meth:`DotsStage.maybe_round`: every ``dots.every`` (mu) steps, a
-  *reference round*: ``ref_size`` (K) random training questions are rolled out
+  *reference round*: K random training questions (``dots.ref_size``, or sized from the
+  batch by ``dots.reference_ratio``: :func:`recipe.config.dots_reference_size`) are rolled out
   ``ref_samples`` (G) times each through the same agent loop and rollout servers as
   training (training sampling parameters, current weights), graded by the same reward,
   and their adaptive difficulty d = mean(1 - acc) is measured (paper Eq. 2). Every other
   question's difficulty is predicted by attention over the reference set (softmax of
   scaled dot products of adapter-projected embeddings, Eq. 3) with calibration
   (:func:`recipe.algos.dots.predict_difficulty`); reference questions keep their measured
-  value. A share ``holdout`` of the reference set is first predicted from the rest to
-  report ``dots/pred_pearson``.
+  value. ``holdout_size`` reference questions are first predicted from the other K - H
+  (with their own calibration) to report ``dots/pred_pearson``; the pairs are pooled over
+  all rounds for ``dots/pred_pearson_pooled``.
 - ``next_prompts`` -> :meth:`DotsStage.next_batch`: the next prompts are drawn with
-  P(q) ~ exp(-|d_hat_q - 0.5| / tau) without replacement within an epoch
+  P(q) ~ exp(-|d_hat_q - 0.5| / tau) without replacement, from the whole training set
+  each round (``dots.selection=per_round``, public code) or within an epoch (``per_epoch``)
   (:class:`recipe.algos.dots.DotsSelector`) and collated exactly as verl's dataloader does.
+- ``metrics``: counts the step's fresh training rollouts, for the reference cost ratio.
 
 Embeddings (mean-pooled last hidden state of ``dots.encoder``, default the policy's base
 model) are computed once and cached on disk (:func:`embed_questions`). The
@@ -25,11 +29,18 @@ adapter is either trained offline (``python -m recipe.dots train-adapter``, from
 projection (standardised, cosine / temperature) with a run-time calibration fitted on the
 reference set's leave-one-out predictions.
 
-Metrics: ``dots/pred_pearson`` (held-out Pearson r, per round), ``dots/ref_difficulty_mean``,
-``dots/ref_rollout_s`` (wall time of the reference rollouts), ``dots/rounds``,
-``dots/selected_mean_difficulty`` (mean predicted difficulty of the questions served this
-step, reported by the ``metrics`` hook); ``dots/effective_ratio`` is computed for every run
-by :mod:`recipe.stages.reward_metrics`.
+Metrics (round steps): ``dots/pred_pearson`` (Pearson r on the ``holdout_size`` held-out
+reference questions; NaN when undefined, i.e. constant predictions or measurements),
+``dots/pred_holdout_n``, ``dots/calibration_fallback`` (1 when the run-time calibration fell
+back to a constant), ``dots/holdout_calibration_fallback`` (the same for the held-out
+prediction), ``dots/ref_difficulty_mean``, ``dots/ref_rollout_s`` (wall time of the reference
+rollouts), ``dots/reference_rollouts`` (K x G of the round). Every step:
+``dots/pred_pearson_pooled`` (over the held-out pairs of all rounds so far),
+``dots/pred_pearson_undefined`` (rounds so far whose r was undefined),
+``dots/pred_pooled_n``, ``dots/rounds``, ``dots/reference_ratio`` (all reference rollouts /
+all fresh training rollouts so far), ``dots/selected_mean_difficulty`` (mean predicted
+difficulty of the questions served this step); ``dots/effective_ratio`` is computed for
+every run by :mod:`recipe.stages.reward_metrics`.
 
 This module also holds the stage's file and model I/O: question embeddings
 (:func:`embed_questions`, cached) and the rounds log (:func:`write_round` /
@@ -52,10 +63,10 @@ import numpy as np
 import torch
 
 from recipe.algos.dots import DotsSelector, adaptive_difficulty, load_adapter, pearson, pool_stats, predict_difficulty
-from recipe.config import DotsConfig
+from recipe.config import DotsConfig, check_dots_reference, dots_reference_size
 from recipe.io import atomic_write
 from recipe.stages.base import Handles, Stage, register_stage
-from recipe.stages.rows import key_order, response_metric, uid_of
+from recipe.stages.rows import key_order, real_indices, response_metric, uid_of
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +295,12 @@ class DotsStage(Stage):
         self.adapter = None
         self._pending_state: dict | None = None
         self._served_difficulty: list[float] = []
+        self.ref_size = cfg.ref_size if cfg.ref_size is not None else dots_reference_size(config)
+        self.holdout_pred: list[float] = []  # held-out (predicted, measured) pairs of every round
+        self.holdout_meas: list[float] = []
+        self.undefined_rounds = 0
+        self.reference_rollouts = 0  # all reference rollouts of the run
+        self.fresh_rollouts = 0  # all fresh training rollouts of the run
 
     # ------------------------------------------------------------------ setup
     def prepare(self, dataset) -> None:
@@ -298,9 +315,10 @@ class DotsStage(Stage):
         self.texts = texts
         self.stats = pool_stats(self.emb)  # one standardisation space for every round
         self.adapter = load_adapter(self.cfg.adapter) if self.cfg.adapter else None
-        if self.cfg.ref_size > len(texts):
-            raise ValueError(f"dots.ref_size={self.cfg.ref_size} exceeds the {len(texts)} training questions")
-        self.selector = DotsSelector(len(texts), seed=self.cfg.seed)
+        if self.ref_size > len(texts):
+            raise ValueError(f"DOTS: K = {self.ref_size} reference questions (dots.ref_size / dots.reference_ratio) "
+                             f"exceed the {len(texts)} training questions")
+        self.selector = DotsSelector(len(texts), seed=self.cfg.seed, mode=self.cfg.selection)
         if self._pending_state:
             self._apply_state(self._pending_state)
             self._pending_state = None
@@ -323,7 +341,7 @@ class DotsStage(Stage):
         """Roll out K random questions G times, measure, predict everything, report."""
         cfg = self.cfg
         n = len(self.texts)
-        ref = np.sort(self.rng.choice(n, size=cfg.ref_size, replace=False))
+        ref = np.sort(self.rng.choice(n, size=self.ref_size, replace=False))
         t0 = time.perf_counter()
         accs = rollout_accuracy(h, ref.tolist(), cfg.ref_samples, cfg.metric)
         ref_s = time.perf_counter() - t0
@@ -332,28 +350,45 @@ class DotsStage(Stage):
             raise RuntimeError(f"DOTS reference round at step {step}: fewer than 2 questions came back with rewards")
         ref = ref[ok]
         d = adaptive_difficulty([a for a in accs if a])
+        n_rollouts = int(sum(len(a) for a in accs))
+        self.reference_rollouts += n_rollouts
 
-        # held-out quality: predict a share of the reference set from the rest
-        metrics = {"dots/ref_rollout_s": ref_s, "dots/ref_difficulty_mean": float(d.mean())}
-        n_hold = int(round(cfg.holdout * len(ref)))
-        if n_hold >= 3 and len(ref) - n_hold >= 2:  # Pearson r of 2 points is always +-1
-            perm = self.rng.permutation(len(ref))
-            hold, fit = perm[:n_hold], perm[n_hold:]
-            pred_hold, _ = self._predict(self.emb[ref[hold]], ref[fit], d[fit])
-            metrics["dots/pred_pearson"] = pearson(pred_hold, d[hold])
+        metrics = {"dots/ref_rollout_s": ref_s, "dots/ref_difficulty_mean": float(d.mean()),
+                   "dots/reference_rollouts": float(n_rollouts)}
+        metrics.update(self._holdout_quality(ref, d, step))
 
-        pred, _ = self._predict(self.emb, ref, d)
+        pred, cal = self._predict(self.emb, ref, d)
         pred = np.asarray(pred, dtype=np.float64)
         pred[ref] = d  # measured beats predicted
         self.pred = pred
+        self.selector.start_round()  # per_round: the whole training set is the pool again
         self.rounds += 1
         self.last_round_step = step
         metrics["dots/rounds"] = float(self.rounds)
+        metrics["dots/calibration_fallback"] = float(cal.fallback)
         if cfg.rounds_file:
             write_round(cfg.rounds_file, step, ref.tolist(), [self.texts[i] for i in ref], d.tolist(), cfg.ref_samples)
-        logger.info("DOTS round %d at step %d: K=%d, mean d=%.3f, r=%s, %.1f s", self.rounds, step, len(ref),
+        logger.info("DOTS round %d at step %d: K=%d, mean d=%.3f, held-out r=%s, %.1f s", self.rounds, step, len(ref),
                     d.mean(), metrics.get("dots/pred_pearson"), ref_s)
         return metrics
+
+    def _holdout_quality(self, ref: np.ndarray, d: np.ndarray, step: int) -> dict[str, float]:
+        """Predicts ``holdout_size`` random reference questions from the others (own calibration
+        included) and scores them: per-round and pooled Pearson, undefined count."""
+        hold_n = self.cfg.holdout_size
+        if not hold_n:
+            return {}
+        check_dots_reference(len(ref), hold_n, f"DOTS reference round at step {step} ({len(ref)} questions "
+                             "came back with rewards)")
+        perm = self.rng.permutation(len(ref))
+        hold, fit = perm[:hold_n], perm[hold_n:]
+        pred_hold, cal = self._predict(self.emb[ref[hold]], ref[fit], d[fit])
+        r = pearson(pred_hold, d[hold])
+        self.undefined_rounds += int(not np.isfinite(r))
+        self.holdout_pred += np.asarray(pred_hold, dtype=np.float64).tolist()
+        self.holdout_meas += d[hold].tolist()
+        return {"dots/pred_pearson": r, "dots/pred_holdout_n": float(hold_n),
+                "dots/holdout_calibration_fallback": float(cal.fallback)}
 
     def _predict(self, query_emb: np.ndarray, ref: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, Any]:
         return predict_difficulty(query_emb, self.emb[ref], d, adapter=self.adapter,
@@ -374,26 +409,43 @@ class DotsStage(Stage):
         return collate_rows(h.dataset, idx.tolist())
 
     def metrics(self, h: Handles, batch, metrics: dict) -> None:
-        """``dots/selected_mean_difficulty`` of the questions served this step."""
+        """Counts the step's fresh training rollouts (replayed and padding rows left out), then
+        :meth:`step_metrics`."""
+        tags = getattr(batch, "tags", None)
+        if tags is not None:
+            self.fresh_rollouts += len(real_indices(list(tags), fresh_only=True))
         metrics.update(self.step_metrics())
 
     def step_metrics(self) -> dict[str, float]:
-        """``dots/selected_mean_difficulty`` of the questions served since the last call."""
-        if not self._served_difficulty:
-            return {}
-        out = {"dots/selected_mean_difficulty": float(np.mean(self._served_difficulty))}
-        self._served_difficulty = []
+        """Every step's DOTS metrics (module docstring): pooled held-out Pearson, undefined
+        rounds, reference cost ratio, and the mean predicted difficulty of the questions served
+        since the last call."""
+        out = {"dots/pred_pearson_pooled": pearson(self.holdout_pred, self.holdout_meas),
+               "dots/pred_pooled_n": float(len(self.holdout_pred)),
+               "dots/pred_pearson_undefined": float(self.undefined_rounds),
+               "dots/rounds": float(self.rounds)}
+        if self.fresh_rollouts:
+            out["dots/reference_ratio"] = self.reference_rollouts / self.fresh_rollouts
+        if self._served_difficulty:
+            out["dots/selected_mean_difficulty"] = float(np.mean(self._served_difficulty))
+            self._served_difficulty = []
         return out
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Predictions, selector (epoch, used questions, RNG), reference-draw RNG, round counters."""
+        """Predictions, selector (epoch, used questions, RNG), reference-draw RNG, round counters,
+        the held-out pairs of every round and the rollout counters."""
         return {
             "pred": None if self.pred is None else self.pred.tolist(),
             "selector": None if self.selector is None else self.selector.state_dict(),
             "rng": self.rng.bit_generator.state,
             "rounds": self.rounds,
             "last_round_step": self.last_round_step,
+            "holdout_pred": list(self.holdout_pred),
+            "holdout_meas": list(self.holdout_meas),
+            "undefined_rounds": self.undefined_rounds,
+            "reference_rollouts": self.reference_rollouts,
+            "fresh_rollouts": self.fresh_rollouts,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -414,6 +466,12 @@ class DotsStage(Stage):
         self.rng.bit_generator.state = state["rng"]
         self.rounds = int(state["rounds"])
         self.last_round_step = int(state["last_round_step"])
+        # checkpoints written before these counters existed start them from zero
+        self.holdout_pred = [float(x) for x in state.get("holdout_pred", [])]
+        self.holdout_meas = [float(x) for x in state.get("holdout_meas", [])]
+        self.undefined_rounds = int(state.get("undefined_rounds", 0))
+        self.reference_rollouts = int(state.get("reference_rollouts", 0))
+        self.fresh_rollouts = int(state.get("fresh_rollouts", 0))
 
 
 def collate_rows(dataset, indices: list[int], uids: list[str] | None = None):

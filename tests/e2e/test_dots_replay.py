@@ -21,6 +21,7 @@ from tests.e2e.test_main_job import run_parity_steps as _run
 
 BATCH = 4  # data.train_batch_size of conf/device/cpu.yaml
 REF_SIZE = 16  # dots.ref_size of conf/device/cpu.yaml
+HOLDOUT = 8  # dots.holdout_size of conf/device/cpu.yaml
 N = 4  # actor_rollout_ref.rollout.n of recipe=grpo_dots_rr on CPU
 RANKS = 2
 
@@ -45,6 +46,12 @@ def test_grpo_dots_rr_rounds_replay_and_resume(artifacts):
     assert 0.0 <= s1["dots/ref_difficulty_mean"] <= 1.0
     assert 0.0 <= s1["dots/selected_mean_difficulty"] <= 1.0
     assert "dots/pred_pearson" in s1  # nan when the held-out difficulties are all equal
+    assert s1["dots/pred_holdout_n"] == HOLDOUT and s1["dots/pred_pooled_n"] == HOLDOUT
+    assert s1["dots/pred_pearson_undefined"] == float(not math.isfinite(s1["dots/pred_pearson"]))
+    assert s1["dots/calibration_fallback"] in (0.0, 1.0)
+    # reference cost: K x G rollouts against the step's BATCH x N fresh ones
+    assert s1["dots/reference_rollouts"] == REF_SIZE * N and s1["dots/reference_ratio"] == REF_SIZE / BATCH
+    assert s2["dots/pred_pooled_n"] == HOLDOUT and "dots/pred_pearson_pooled" in s2  # carried between rounds
     assert s1["replay/fresh_groups"] == BATCH and s1["replay/replayed_groups"] == 0
     assert s1["replay/stored"] == BATCH and s1["replay/size"] == BATCH
     # step 2: half fresh, half replayed from step 1 (age 1), decoupled IS weights logged

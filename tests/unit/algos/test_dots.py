@@ -140,6 +140,8 @@ def test_fit_calibration_noisy_binomial_and_degenerate():
 
 
 def test_pearson():
+    # x - mean = [-1.5, -.5, .5, 1.5], y - mean = [-1.75, .25, 1.25, .25]: 3.5 / sqrt(5 x 4.75)
+    assert dots.pearson([1, 2, 3, 4], [2, 4, 5, 4]) == pytest.approx(3.5 / math.sqrt(23.75), abs=1e-12)
     assert dots.pearson([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)  # (1)/(sqrt2 sqrt2)
     assert dots.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert math.isnan(dots.pearson([1, 1, 1], [1, 2, 3]))
@@ -275,6 +277,85 @@ def test_selector_errors():
     with pytest.raises(ValueError, match="tau=0"):
         sel.select([0.5, 0.5, 0.1], 1, tau=0)
     assert sel.select([0.5, 0.5, 0.1], 0).tolist() == []
+
+
+def test_selector_per_round_vs_per_epoch_distribution():
+    """4 questions, 2 served per round, 100 rounds, tau 1e-3. per_round (public code): every
+    round samples the whole set, so the two at d = 0.5 are served every round (logits 0 vs
+    -300 / -400): counts [100, 100, 0, 0]. per_epoch: each question once per 2 rounds: 50 each."""
+    d = [0.5, 0.5, 0.8, 0.1]
+    counts = {}
+    for mode in ("per_round", "per_epoch"):
+        sel, c = DotsSelector(4, seed=3, mode=mode), np.zeros(4, dtype=int)
+        for _ in range(100):
+            sel.start_round()
+            c[sel.select(d, 2, tau=1e-3)] += 1
+        counts[mode] = c.tolist()
+    assert counts == {"per_round": [100, 100, 0, 0], "per_epoch": [50, 50, 50, 50]}
+    # per_epoch keeps its pool across rounds: the 2nd pick of a round comes from the other half
+    sel = DotsSelector(4, seed=3, mode="per_epoch")
+    first = sel.select(d, 2, tau=1e-3)
+    sel.start_round()
+    assert sorted(first.tolist()) == [0, 1] and sorted(sel.select(d, 2, tau=1e-3).tolist()) == [2, 3]
+    with pytest.raises(ValueError, match="mode must be one of"):
+        DotsSelector(4, mode="per_step")
+
+
+def test_reference_size_arithmetic():
+    assert dots.reference_size(0.5, 2, 256, 8, 8) == 256  # public code: 256 x 8 = 0.5 x 2 x 256 x 8
+    assert dots.reference_size(0.5, 2, 8, 4, 4) == 8  # CPU benchmark: 16 prompts, half fresh, n = G = 4
+    assert dots.reference_size(0.5, 2, 3, 4, 8) == 2  # 1.5 rounds up
+    assert dots.reference_size(0.25, 1, 4, 4, 4) == 1  # exactly 1: no float round-up to 2
+    with pytest.raises(ValueError, match="ratio > 0"):
+        dots.reference_size(0.0, 2, 8, 4, 4)
+
+
+def test_dots_reference_size_from_the_config():
+    from omegaconf import OmegaConf
+
+    from recipe.config import ConfigError, dots_reference_size
+
+    def cfg(dots_node, replay=True):
+        return OmegaConf.create({"data": {"train_batch_size": 16}, "actor_rollout_ref": {"rollout": {"n": 4}},
+                                 "replay": {"enable": replay, "fresh_fraction": 0.5},
+                                 "dots": {"enable": True, "ref_samples": 2, **dots_node}})
+
+    # 8 fresh prompts x 4 responses x 2 steps x 0.5 / G 2 = 16; replay off: 16 fresh -> 32
+    assert dots_reference_size(cfg({"holdout_size": 8})) == 16
+    assert dots_reference_size(cfg({"holdout_size": 8}, replay=False)) == 32
+    assert dots_reference_size(cfg({"holdout_size": 0, "reference_ratio": 0.25})) == 8
+    assert dots_reference_size(cfg({"ref_size": 50})) == 50  # an explicit K wins
+    with pytest.raises(ConfigError, match=r"dots\.ref_size=null sizes K = .* = 16: K = 16 .* need K >= 36"):
+        dots_reference_size(cfg({}))  # default holdout_size 32
+    with pytest.raises(ValueError, match=r"dots\.ref_size: K = 20 .* need K >= 36"):
+        dots_reference_size(cfg({"ref_size": 20}))
+
+
+def test_calibration_fallback_flag():
+    cal = dots.fit_calibration([0.2, 0.4, 0.6, 0.8], [0.9, 0.6, 0.4, 0.1])  # anti-correlated
+    assert cal.fallback and cal.w == 0.0 and cal(np.array([0.1, 0.9])) == pytest.approx([0.5, 0.5])
+    assert not dots.fit_calibration([0.2, 0.4, 0.6, 0.8], [0.1, 0.4, 0.6, 0.9]).fallback
+
+
+def test_evaluate_heldout_clusters_vs_noise():
+    """4 clusters of one-hot embeddings, 2 policies (groups) with shifted difficulties: held-out
+    queries are predicted from their cluster's references (r ~ 1); with difficulties
+    unrelated to the clusters r is near 0."""
+    rng = np.random.default_rng(0)
+    n, g = 80, 2
+    emb = np.tile(np.eye(4, dtype=np.float32)[np.arange(n) % 4], (g, 1))
+    groups = np.repeat(np.arange(g), n)
+    cluster_d = np.array([0.1, 0.4, 0.6, 0.9])
+    d = np.concatenate([cluster_d[np.arange(n) % 4] + 0.05 * k for k in range(g)])
+    query = np.tile(np.arange(n) >= 60, g)  # the last 20 questions of each group held out
+    res = dots.evaluate_heldout(None, emb, d, groups, query, ref_size=40, seed=0)
+    assert res["n_queries"] == 40 and res["n_groups"] == 2 and res["pred"].shape == (40,)
+    np.testing.assert_array_equal(res["measured"], np.concatenate([d[60:80], d[140:160]]))
+    assert res["pearson"] > 0.99 and all(r > 0.99 for r in res["pearson_per_group"].values())
+    noise = rng.permutation(d)
+    assert abs(dots.evaluate_heldout(None, emb, noise, groups, query, ref_size=40, seed=0)["pearson"]) < 0.5
+    with pytest.raises(ValueError, match="no group has >= 2 reference records"):
+        dots.evaluate_heldout(None, emb, d, groups, np.ones(2 * n, dtype=bool))
 
 
 # --------------------------------------------------------------------------- adapter training

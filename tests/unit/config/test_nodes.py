@@ -80,7 +80,7 @@ def test_check_value_message_and_coercion():
 
 def test_load_node_raises_config_error_naming_the_key():
     cfg = OmegaConf.create({"replay": {"capacity": 0}, "dots": None})
-    with pytest.raises(ConfigError, match=r"^replay\.capacity must be an integer > 0, got 0$"):
+    with pytest.raises(ConfigError, match=r"^replay\.capacity must be an integer > 0 or null, got 0$"):
         load_node(cfg, "replay")
     assert load_node(cfg, "dots") == DotsConfig()
     assert load_node(OmegaConf.create({}), "lorr") == LorrConfig()
@@ -138,11 +138,12 @@ def test_group_filter_rejects_non_mapping():
 
 def test_replay_defaults_and_sources():
     cfg = ReplayConfig.from_config(None)
-    assert (cfg.enable, cfg.capacity, cfg.fresh_fraction, cfg.store_only_mixed, cfg.dedup_by_prompt) == (
-        False, 256, 0.5, True, True)
-    assert (cfg.correction, cfg.truncation, cfg.reuse_advantages, cfg.seed, cfg.metric) == (
-        "decoupled", None, True, 0, "acc")
-    node = OmegaConf.create({"enable": True, "capacity": 512, "truncation": 2, "correction": "plain"})
+    assert (cfg.enable, cfg.capacity, cfg.capacity_ratio, cfg.fresh_fraction, cfg.warmup_steps, cfg.store_only_mixed,
+            cfg.dedup_by_prompt) == (False, None, 2.0, 0.5, 2, True, True)
+    assert (cfg.correction, cfg.correction_rows, cfg.truncation, cfg.reuse_advantages, cfg.seed, cfg.metric) == (
+        "decoupled", "replayed", None, True, 0, "acc")
+    node = OmegaConf.create({"enable": True, "capacity": 512, "capacity_ratio": None, "truncation": 2,
+                             "correction": "plain"})
     cfg = ReplayConfig.from_config(node)
     assert cfg.capacity == 512 and cfg.truncation == 2.0 and isinstance(cfg.truncation, float)
     assert ReplayConfig.from_config(cfg) is cfg

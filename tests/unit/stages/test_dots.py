@@ -92,7 +92,7 @@ TRAINER_CONFIG = SimpleNamespace(actor_rollout_ref=SimpleNamespace(model=SimpleN
 
 
 def make_stage(**kw) -> DotsStage:
-    node = {"enable": True, "every": 2, "ref_size": 20, "ref_samples": G, "holdout": 0.25, "tau": 1e-3,
+    node = {"enable": True, "every": 2, "ref_size": 20, "ref_samples": G, "holdout_size": 5, "tau": 1e-3,
             "cache_dir": "/cache/dots", "seed": 0, **kw}
     return DotsStage(DotsConfig.from_config(node), TRAINER_CONFIG)
 
@@ -132,12 +132,76 @@ def test_first_round_measures_and_keeps_reference_difficulty(monkeypatch):
 
 def test_pred_pearson_on_clustered_set(monkeypatch):
     env = Env(monkeypatch)
-    metrics = make_stage().maybe_round(env.h, 1)
-    assert "dots/pred_pearson" in metrics  # holdout 0.25 * 20 = 5 >= 3
+    stage = make_stage()
+    metrics = stage.maybe_round(env.h, 1)
+    assert metrics["dots/pred_holdout_n"] == 5.0  # dots.holdout_size held out of K = 20
     assert metrics["dots/pred_pearson"] > 0.8
-    # too few held out (round(0.1 * 20) = 2 < 3): no Pearson
+    assert metrics["dots/calibration_fallback"] == 0.0 and metrics["dots/holdout_calibration_fallback"] == 0.0
+    assert metrics["dots/reference_rollouts"] == 20 * G
+    # the pooled Pearson is over exactly the held-out pairs of every round so far
+    assert len(stage.holdout_pred) == len(stage.holdout_meas) == 5
+    stage.maybe_round(env.h, 3)
+    assert len(stage.holdout_pred) == 10
+    pooled = stage.step_metrics()
+    assert pooled["dots/pred_pooled_n"] == 10.0 and pooled["dots/pred_pearson_undefined"] == 0.0
+    assert pooled["dots/pred_pearson_pooled"] == pytest.approx(
+        float(np.corrcoef(stage.holdout_pred, stage.holdout_meas)[0, 1]), abs=1e-12)
+    # holdout_size 0: explicitly off
     env2 = Env(monkeypatch)
-    assert "dots/pred_pearson" not in make_stage(holdout=0.1).maybe_round(env2.h, 1)
+    assert "dots/pred_pearson" not in make_stage(holdout_size=0).maybe_round(env2.h, 1)
+
+
+def test_undefined_pearson_is_counted_not_dropped(monkeypatch):
+    """Every question equally hard: constant measurements, Pearson undefined -> NaN, counted,
+    and the pooled value stays NaN (not silently skipped)."""
+    env = Env(monkeypatch)
+    monkeypatch.setattr(env, "rollout_accuracy", lambda h, idx, n, metric="acc": [[1.0] * 8 + [0.0] * 8 for _ in idx])
+    monkeypatch.setattr(sd, "rollout_accuracy", env.rollout_accuracy)
+    stage = make_stage()
+    m = stage.maybe_round(env.h, 1)
+    assert math.isnan(m["dots/pred_pearson"])
+    m = stage.step_metrics()
+    assert m["dots/pred_pearson_undefined"] == 1.0 and math.isnan(m["dots/pred_pearson_pooled"])
+    assert m["dots/pred_pooled_n"] == 5.0
+
+
+def test_calibration_fallback_is_reported(monkeypatch):
+    """Difficulty anti-correlated with the embedding clusters' neighbours: leave-one-out
+    predictions get a negative slope and the run-time calibration falls back to a constant."""
+    env = Env(monkeypatch)
+    # every question its own direction (identity embeddings): leave-one-out attention is uniform over
+    # the others, so each prediction is the mean of the other K - 1, anti-correlated with d
+    monkeypatch.setattr(env, "embed", lambda texts, *a, **k: np.eye(len(texts), dtype=np.float32))
+    monkeypatch.setattr(sd, "embed_questions", env.embed)
+    m = make_stage(holdout_size=0).maybe_round(env.h, 1)
+    assert m["dots/calibration_fallback"] == 1.0
+
+
+def test_held_out_count_needs_a_large_enough_reference_set():
+    from recipe.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"dots\.ref_size: K = 8 .* dots\.holdout_size=5 .* need K >= 9"):
+        make_stage(ref_size=8)
+    make_stage(ref_size=9)  # 5 held out + 4 to predict them from
+
+
+def test_selection_per_round_vs_per_epoch(monkeypatch):
+    """per_round (public code): a new round returns every question to the pool, so the
+    closest-to-0.5 questions are served again right after it; per_epoch: they are not served
+    again until the other 36 of the 40 were."""
+    served = {}
+    for mode in ("per_round", "per_epoch"):
+        env = Env(monkeypatch)
+        stage = make_stage(selection=mode, every=1)
+        stage.maybe_round(env.h, 1)
+        first = stage.next_batch(env.h, 4)
+        stage.maybe_round(env.h, 2)  # a new round (the same clusters stay closest to 0.5)
+        served[mode] = (first, stage.next_batch(env.h, 4), stage.pred)
+    first, second, pred = served["per_round"]
+    assert {cluster(i) for i in first} == {cluster(i) for i in second} == {2}  # again the d ~ 0.5 cluster
+    assert set(first) & set(second)  # questions served in round 1 come back in round 2
+    first, second, pred = served["per_epoch"]
+    assert {cluster(i) for i in first} == {2} and not set(first) & set(second)  # no repeat inside the epoch
 
 
 def test_next_batch_closest_to_target_and_no_repeat_within_epoch(monkeypatch):
@@ -150,8 +214,8 @@ def test_next_batch_closest_to_target_and_no_repeat_within_epoch(monkeypatch):
     kth = np.sort(dist)[3]
     assert max(dist[first]) <= kth + 1e-9, (first, dist[first], kth)  # the 4 closest to 0.5 (tau 1e-3)
     assert all(cluster(i) == 2 for i in first)  # the cluster of difficulty ~0.5
-    assert stage.step_metrics() == {"dots/selected_mean_difficulty": pytest.approx(float(np.mean(stage.pred[first])))}
-    assert stage.step_metrics() == {}
+    assert stage.step_metrics()["dots/selected_mean_difficulty"] == pytest.approx(float(np.mean(stage.pred[first])))
+    assert "dots/selected_mean_difficulty" not in stage.step_metrics()  # nothing served since
     served = list(first)
     for _ in range(N // 4 - 1):
         served += stage.next_batch(env.h, 4)
@@ -184,12 +248,15 @@ def test_hooks_plan_next_prompts_and_metrics(monkeypatch):
     served = stage.next_prompts(env.h, 4) + stage.next_prompts(env.h, 2)
     assert len(served) == 6 == len(set(served))
     metrics = {"other/x": 1.0}
-    stage.metrics(env.h, None, metrics)
-    assert metrics == {"other/x": 1.0,
-                       "dots/selected_mean_difficulty": pytest.approx(float(np.mean(stage.pred[served])))}
+    # the step's rows: 6 fresh prompts x 2 responses, a replayed group and a padding row
+    tags = [{}] * 12 + [{"replayed": True}] * 2 + [{"is_padding": True}]
+    stage.metrics(env.h, SimpleNamespace(tags=tags), metrics)
+    assert metrics["other/x"] == 1.0
+    assert metrics["dots/selected_mean_difficulty"] == pytest.approx(float(np.mean(stage.pred[served])))
+    assert metrics["dots/reference_ratio"] == pytest.approx(20 * G / 12)  # one round of K x G / 12 fresh rollouts
     metrics = {}
     stage.metrics(env.h, None, metrics)  # nothing served since
-    assert metrics == {}
+    assert "dots/selected_mean_difficulty" not in metrics and metrics["dots/rounds"] == 1.0
     env.h.step = 3
     assert stage.plan(env.h, 4)[1]["dots/rounds"] == 2.0 and len(env.ref_calls) == 2
 
@@ -276,7 +343,7 @@ def test_state_of_another_dataset_is_rejected(monkeypatch):
 
 def test_ref_size_larger_than_dataset(monkeypatch):
     env = Env(monkeypatch, n=10)
-    with pytest.raises(ValueError, match=r"dots\.ref_size=20 exceeds the 10 training questions"):
+    with pytest.raises(ValueError, match=r"K = 20 reference questions .* exceed the 10 training questions"):
         make_stage(ref_size=20).prepare(env.h.dataset)
 
 

@@ -3,6 +3,7 @@ and the library names it re-exports from :mod:`recipe.stages.dots` / :mod:`recip
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +64,49 @@ def test_train_adapter_cli(tmp_path):
     with pytest.raises(SystemExit, match="index 60 out of range"):
         cli.main(["train-adapter", "--rounds", str(rounds), "--embeddings", str(tmp_path / "emb.npy"),
                   "--out", str(out)])
+
+
+def _policy_rounds(tmp_path, n=40, h=8, shifts=(-0.8, 0.0, 0.8, 0.4)):
+    """n questions measured under len(shifts) policies: d = sigmoid(3 e.v + shift); the last
+    policy is written to its own file (never trained on)."""
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(n, h)).astype(np.float32)
+    v = rng.normal(size=h) / np.sqrt(h)
+    np.save(tmp_path / "emb.npy", emb)
+    d = {}
+    for p, shift in enumerate(shifts):
+        d[p] = 1.0 / (1.0 + np.exp(-(3.0 * emb @ v + shift)))
+        f = tmp_path / ("unseen.jsonl" if p == len(shifts) - 1 else "train.jsonl")
+        stage_dots.write_round(f, p, list(range(n)), [f"q{i}" for i in range(n)], d[p].tolist(), 8)
+    return emb, d
+
+
+def test_train_adapter_cli_heldout_questions_and_unseen_policies(tmp_path, capsys):
+    emb, d = _policy_rounds(tmp_path)
+    out, report = tmp_path / "adapter.pt", tmp_path / "r" / "heldout.json"
+    assert cli.main(["train-adapter", "--rounds", str(tmp_path / "train.jsonl"), "--eval-rounds",
+                     str(tmp_path / "unseen.jsonl"), "--embeddings", str(tmp_path / "emb.npy"), "--out", str(out),
+                     "--holdout-questions", "0.25", "--epochs", "3", "--hidden", "8", "--batch-size", "16",
+                     "--ref-size", "32", "--report", str(report)]) == 0
+    rep = json.loads(report.read_text())
+    assert rep["train_records"] == 3 * 30  # 10 of the 40 questions held out, under each of 3 policies
+    trained, unseen = rep["heldout"]["trained_policies"], rep["heldout"]["unseen_policies"]
+    assert (trained["adapter"]["n_queries"], trained["adapter"]["n_groups"]) == (30, 3)
+    assert (unseen["adapter"]["n_queries"], unseen["adapter"]["n_groups"]) == (10, 1)
+    # the identity baseline equals evaluate_heldout on the same split, done by hand here
+    recs = stage_dots.read_rounds(tmp_path / "train.jsonl")
+    prompts = sorted({r["prompt"] for r in recs})
+    held = {prompts[i] for i in np.random.default_rng(0).permutation(40)[:10]}
+    stats = algos_dots.pool_stats(np.concatenate([emb] * 4))
+    idx = [r["index"] for r in recs]
+    by_hand = algos_dots.evaluate_heldout(None, emb[idx], [r["difficulty"] for r in recs], [r["step"] for r in recs],
+                                          [r["prompt"] in held for r in recs], 32, seed=0, stats=stats)
+    assert trained["identity"]["pearson"] == pytest.approx(by_hand["pearson"], abs=1e-12)
+    assert torch.load(out, weights_only=True)["heldout"] == rep["heldout"]  # stored with the adapter
+    assert "held-out Pearson, unseen policies (10 predictions of 10 questions not trained on" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--eval-rounds needs --holdout-questions"):
+        cli.main(["train-adapter", "--rounds", str(tmp_path / "train.jsonl"), "--eval-rounds",
+                  str(tmp_path / "unseen.jsonl"), "--embeddings", str(tmp_path / "emb.npy"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="leaves none held out"):
+        cli.main(["train-adapter", "--rounds", str(tmp_path / "train.jsonl"), "--embeddings",
+                  str(tmp_path / "emb.npy"), "--out", str(out), "--holdout-questions", "0.01"])
