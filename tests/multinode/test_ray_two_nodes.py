@@ -190,26 +190,33 @@ def test_grpo_on_two_nodes_trains_checkpoints_and_resumes(two_nodes, artifacts, 
 
 
 def test_lorr_dpo_on_two_nodes_resets_and_resumes(two_nodes, artifacts, logs):
-    """LoRR (tests/e2e/test_preference.py's case) with its two ranks on two nodes: the
-    reference sync each pass, theta_0 kept as one shard per rank (one per node), the reset
-    inside step 2, and a resume that restores counters, pairs and theta_0."""
+    """LoRR with its two ranks on two nodes: one iteration per step (L = 2 epochs), the
+    reference synced at each iteration's start, a reset after each iteration, theta_0 kept
+    as one shard per rank (one per node), reuse of iteration 1's pairs after the reset
+    (rollout_ratio 0), and a resume that restores counters, pairs and theta_0."""
     from safetensors.torch import load_file
 
     name = "mn_lorr"
-    common = ("recipe=lorr_dpo", "lorr.replays=2", "lorr.reset.every=3", "lorr.reuse.rollout_ratio=0.0",
+    common = ("recipe=lorr_dpo", "lorr.replays=2", "lorr.reset.every=1", "lorr.reuse.rollout_ratio=0.0",
               f"trainer.experiment_name={name}")
     job = run_job(artifacts, logs, "trainer.total_training_steps=2", *common)
     check_two_node_job(job)
     head = job.head.text()
     snap = re.search(r"LoRR theta_0: (\d+) tensors .*fingerprint ([0-9a-f]+)\)", head)
-    assert snap and int(snap.group(1)) == 2, head[-3000:]
+    assert snap and int(snap.group(1)) == 2, head[-3000:]  # the tiny model's two mlp.down_proj.weight
     run_dir = artifacts / "runs" / name
     steps = read_metrics(run_dir / "metrics.jsonl")
     s1, s2 = steps[1], steps[2]
-    assert s1["lorr/replay_index"] == 2 and s1["lorr/resets"] == 0
-    assert s1["lorr/sft_weight"] == pytest.approx(0.125)  # lambda_k = min(0.5, 0.25 k), k = 0, 1
-    assert abs(s1["dpo/reward_margin_last_pass"]) > 0  # the reference was synced, then the policy moved
-    assert s2["lorr/replay_index"] == 4 and s2["lorr/resets"] == 1 and s2["lorr/reset_delta_norm"] > 0
+    # iteration 1: fresh rollouts, reference synced, 2 epochs, then the reset
+    assert (s1["lorr/iteration"], s1["lorr/epoch"], s1["lorr/resets"], s1["lorr/reused_initial"]) == (1, 2, 1, 0)
+    assert s1["dpo/reference_refreshed"] == 1 and s1["dpo/fresh_rollouts"] == 4 * 4
+    assert s1["lorr/reset_delta_norm"] > 0 and s1["actor/grad_norm"] > 0
+    assert abs(s1["dpo/reward_margin_last_pass"]) > 0  # epoch 2 sees a policy moved away from the reference
+    check_split_over_two_ranks(s1)
+    # iteration 2: iteration 1's pairs again, no rollouts, reference synced again, reset again
+    assert (s2["lorr/iteration"], s2["lorr/resets"], s2["lorr/reused_initial"]) == (2, 2, 1)
+    assert s2["dpo/fresh_rollouts"] == 0 and s2["dpo/iteration_pairs"] == s1["dpo/iteration_pairs"]
+    assert s2["dpo/reference_refreshes"] == 2 and s2["lorr/reset_delta_norm"] > 0
     # theta_0: rank 0's shard written on node 0, rank 1's on node 1; together the initial tensors
     shards = [torch.load(run_dir / "global_step_2" / f"lorr_theta0_rank{r}.pt", weights_only=True) for r in (0, 1)]
     models = list((artifacts / "models").glob("*/model.safetensors"))
@@ -225,10 +232,10 @@ def test_lorr_dpo_on_two_nodes_resets_and_resumes(two_nodes, artifacts, logs):
     restored = re.search(r"restored preference state: (\d+) replay passes, (\d+) resets, initial pairs (\w+), "
                          r"theta_0 fingerprint ([0-9a-f]+)", job.head.text())
     assert restored, job.head.text()[-3000:]
-    assert restored.groups() == ("4", "1", "kept", snap.group(2))
+    assert restored.groups() == (str(int(s2["lorr/replay_index"])), "2", "kept", snap.group(2))
     s3 = read_metrics(run_dir / "metrics.jsonl")[3]
-    assert s3["lorr/reused_initial"] == 1 and s3["dpo/pairs"] == s1["dpo/pairs"]
-    assert s3["lorr/replay_index"] == 6 and s3["lorr/resets"] == 2
+    assert (s3["lorr/iteration"], s3["lorr/resets"], s3["lorr/reused_initial"]) == (3, 3, 1)
+    assert s3["dpo/iteration_pairs"] == s1["dpo/iteration_pairs"] and s3["dpo/reference_refreshes"] == 3
     assert math.isfinite(s3["dpo/loss"]) and s3["actor/grad_norm"] > 0
 
 
