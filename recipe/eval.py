@@ -12,7 +12,9 @@ For each benchmark (``data_source`` names of :mod:`recipe.data`: ``math500``,
 responses per problem from the prepared test file ``${paths.data}/<benchmark>/test.parquet``
 (converted on demand by :func:`recipe.data.convert_split`, with the training prompt
 template), grades each with the training reward (:func:`recipe.reward.math_reward.compute_score`,
-i.e. math-verify in the sandboxed grader pool) and reports, per benchmark and averaged
+i.e. math-verify in the sandboxed grader pool; ``grading=strict`` as training, or
+``grading=harness`` for the Qwen2.5-Math harness's conventions; OlympiadBench's ``error``
+tolerance honoured) and reports, per benchmark and averaged
 over benchmarks (unweighted, as the papers do):
 
 * ``<bench>/avg@<k>``: mean accuracy over the k samples, averaged over problems
@@ -31,8 +33,10 @@ Generation goes through the same backends as training rollouts: ``hf``
 in-process, no Ray) or ``vllm`` (``vllm.LLM``, GPU; imported only when used);
 ``backend=auto`` picks vllm when CUDA and vllm are available. Prompts are the prepared
 chat messages rendered with the model's chat template (``add_generation_prompt``), as
-verl's agent loop does; responses are decoded without special tokens, as verl's reward
-loop does.
+verl's agent loop does, with the step-by-step instruction said once (:func:`render_prompt`);
+a response ends at an EOS id or the chat template's end-of-turn token (``<|im_end|>``,
+:func:`verl_patches.hf_rollout.turn_stop_token_ids`); responses are decoded without special
+tokens, as verl's reward loop does.
 
 Written to ``out_dir`` (default ``${paths.artifacts}/eval/<model name>``):
 

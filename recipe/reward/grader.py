@@ -26,9 +26,16 @@ follows the one that held up there:
   kill) gives status ``error``. The caller never runs math-verify itself, so the pool can be
   used from any thread and from asyncio.
 
+Grading modes (:class:`GradeOptions`, per item): ``strict`` (the default and the training
+reward: the rules above, math-verify equality, numbers equal up to float rounding) and
+``harness`` (the Qwen2.5-Math evaluation harness's extraction fallbacks, percent handling,
+relative 1e-4 numeric tolerance and ordered comma lists); a gold's absolute tolerance
+(OlympiadBench's ``error``) is honoured in both.
+
 Public API: :func:`last_boxed` (re-exported from :mod:`recipe.reward.answers`),
 :func:`gsm8k_answer`, :func:`extract_answer`, :class:`GradeResult`, :class:`GraderConfig`,
-:class:`SafeGrader`, :func:`get_grader`, :func:`close_all_graders`.
+:class:`SafeGrader`, :func:`get_grader`, :func:`close_all_graders`, :class:`GradeOptions`,
+:func:`harness_clean`, :func:`numbers_close`, :func:`split_top_level_commas`.
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ __all__ = [
     "GradeResult",
     "GraderConfig",
     "harness_clean",
+    "numbers_close",
+    "split_top_level_commas",
     "SafeGrader",
     "STATUSES",
     "close_all_graders",
