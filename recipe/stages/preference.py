@@ -73,6 +73,7 @@ from recipe.algos.preference import build_pairs
 from recipe.config import LorrConfig, PreferenceConfig
 from recipe.stages.base import Handles, SampleContext, Stage, register_stage
 from recipe.stages.rows import (
+    COLLECTING,
     REUSED,
     STAGE_FIELDS,
     clone_row,
@@ -274,6 +275,8 @@ class PreferenceStage(Stage):
         if not train:  # collection only: the pairs wait for the iteration's last step
             metrics["dpo/iteration_pairs"] = len(self.pending["keys"]) // 2
             mark_skipped(batch.tags)
+            for tag in batch.tags:
+                tag[COLLECTING] = True  # a planned skip: the trainer does not warn
             return batch
         return self._train_pending(ctx, batch, metrics)
 

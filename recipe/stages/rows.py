@@ -26,6 +26,9 @@ SKIP_UPDATE = "skip_update"
 REPLAYED = "replayed"
 #: Tag: a preference pair row reused from LoRR's initial data (no fresh rollout).
 REUSED = "lorr_reused"
+#: Tag (with :data:`SKIP_UPDATE`): a collection step of a preference iteration; its pairs are
+#: kept for the iteration's training step, so the skipped update is planned, not a failure.
+COLLECTING = "collecting"
 #: verl's tag for padding copies added by its batch balancing.
 PADDING = "is_padding"
 

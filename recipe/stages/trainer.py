@@ -77,7 +77,7 @@ import recipe.algos  # noqa: F401  (registers advantage estimators and policy lo
 from recipe.algos.metrics import validation_metrics
 from recipe.io import atomic_torch_save, atomic_write_text
 from recipe.stages.base import Handles, Stage, build_stages
-from recipe.stages.rows import is_skipped, make_uids
+from recipe.stages.rows import COLLECTING, is_skipped, make_uids
 from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.v1 import trainer_base
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
@@ -297,7 +297,8 @@ class RecipeTrainer(PPOTrainerSync):
 
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         if is_skipped(batch):
-            logger.warning("step %d: no group left to train on, no update (see filter/* metrics)", global_steps)
+            if not batch.tags or not all(tag.get(COLLECTING, False) for tag in batch.tags):  # else planned
+                logger.warning("step %d: no group left to train on, no update (see filter/* metrics)", global_steps)
             metrics.update({"training/global_step": global_steps, "training/epoch": epoch})
             return
         super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)

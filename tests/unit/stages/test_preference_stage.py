@@ -24,7 +24,7 @@ import verl.trainer.ppo.padding_utils as padding_utils
 from recipe.config import PreferenceConfig
 from recipe.stages.base import Handles, SampleContext
 from recipe.stages.preference import PreferenceStage
-from recipe.stages.rows import REUSED, SKIP_UPDATE
+from recipe.stages.rows import COLLECTING, REUSED, SKIP_UPDATE
 
 from tests.unit.stages.fakes import P, FakeTQ
 
@@ -276,6 +276,7 @@ def test_collection_steps_keep_pairs_and_the_last_step_trains_on_all(fake_tq):
     stage = make_stage({"iteration": {"rollout_steps": 3}})
     n, out1, m1 = step(stage, fake_tq, 1, groups())
     assert n == 4 and all(t[SKIP_UPDATE] is True for t in out1.tags) and fake_tq.cleared == []
+    assert all(t[COLLECTING] is True for t in out1.tags)  # a planned skip: the trainer does not warn
     assert m1["lorr/iteration"] == 1 and m1["dpo/pairs"] == 2 and m1["dpo/iteration_pairs"] == 2
     n, out2, m2 = step(stage, fake_tq, 2, fresh_pair("s2"))
     assert all(t[SKIP_UPDATE] is True for t in out2.tags)
