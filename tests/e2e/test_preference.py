@@ -111,7 +111,7 @@ def test_lorr_iterations_reset_reuse_and_resume(artifacts):
                          r"theta_0 fingerprint ([0-9a-f]+); iteration (\d+) step (\d+), (\d+) pending pairs",
                          proc.stdout)
     assert restored, "the resumed run did not report restoring the preference state"
-    assert restored.groups() == ("0", "0", "none", snap.group(2), "1", "3", str(s2["dpo/iteration_pairs"]))
+    assert restored.groups() == ("0", "0", "none", snap.group(2), "1", "3", str(int(s2["dpo/iteration_pairs"])))
     s3, s4 = steps[3], steps[4]
     n_pairs = s2["dpo/iteration_pairs"] + s3["dpo/pairs"]
     per_epoch = math.ceil(n_pairs / 2)
