@@ -4,7 +4,8 @@ verl's ``RLHFDataset`` reads parquet files with one row per problem and these co
 (exactly these; this module writes nothing else):
 
 * ``data_source`` (str): short dataset name, one of :data:`DATASETS` (``gsm8k``,
-  ``math``, ``math500``, ``minerva_math``, ``olympiadbench``, ``aime24``, ``amc23``).
+  ``math``, ``math500``, ``minerva_math``, ``olympiadbench``, ``aime24``, ``amc23``), of
+  :data:`PAPER_DATASETS`, or the name given to a user's file (``--data-source``).
   The reward function dispatches on it (``gsm8k`` means a GSM8K-style numeric answer).
 * ``prompt`` (list of chat messages): ``[{"role": "user", "content": ...}]``, the
   prompt template applied to the problem (the ``qwen_math_cot`` preset puts the
@@ -65,14 +66,20 @@ error.
 Command line::
 
     python -m recipe.data --datasets gsm8k,math500 --out-dir DIR \\
-        [--source-dir ../shared/data | --source hub] [--template boxed] [--max-rows N]
-    python -m recipe.data --input some.parquet --out FILE
+        [--source-dir ../shared/data | --source hub] [--template boxed] [--max-rows N] \\
+        [--max-prompt-tokens 700 --tokenizer PATH [--length-of problem|prompt]]
+    python -m recipe.data --input FILE --out OUT [--problem-key K] [--answer-key K | --solution-key K] \\
+        [--data-source NAME] [--split train] [--rows-key K] [--template ...] [--max-prompt-tokens ...]
 
 The first form writes ``DIR/<dataset>/<split>.parquet`` for every split of each named
-dataset (``--datasets all`` for all of them) and prints one summary line per file. The
-second validates an existing verl-format parquet file and copies it unchanged to
-``FILE``. Every output is written to a temporary file in the destination directory
-and then moved into place (:mod:`recipe.io`), so a reader never sees half a file.
+dataset (``--datasets all`` for the seven of :data:`DATASETS`; the papers' sets of
+:data:`PAPER_DATASETS` by name) and prints one summary line per file. The second
+converts a user's JSON-lines, JSON or parquet file of problems (:func:`convert_file`),
+or, when ``FILE`` is already a verl parquet (:func:`is_verl_parquet`), validates it and
+copies it unchanged to ``OUT``. ``--max-prompt-tokens`` drops rows longer than that many
+tokens of the model's tokenizer (:class:`PromptLengthFilter`; counted as
+``prompt_too_long``). Every output is written to a temporary file in the destination
+directory and then moved into place (:mod:`recipe.io`), so a reader never sees half a file.
 
 The local source directory defaults to ``$RECIPE_SHARED_DIR/data`` when that variable
 is set, else to ``../shared/data`` relative to the repository root (the parent of the
@@ -111,17 +118,27 @@ __all__ = [
     "DATASETS",
     "DataError",
     "DatasetSpec",
+    "LENGTH_OF",
     "MAX_ROW_WARNINGS",
+    "PAPER_DATASETS",
+    "PromptLengthFilter",
     "PromptTemplate",
     "SplitResult",
     "TEMPLATES",
     "ConversionResult",
+    "answer_value",
+    "convert_file",
     "convert_rows",
     "convert_split",
+    "default_data_source",
     "default_source_dir",
+    "download_cache_dir",
+    "file_spec",
+    "is_verl_parquet",
     "load_records",
     "main",
     "olympiadbench_answer",
+    "orz_row",
     "passthrough",
     "prepare",
     "read_source_rows",
