@@ -4,8 +4,21 @@ Each step trains on ``n_fresh = round(delta * B)`` freshly generated prompt grou
 ``B - n_fresh`` groups replayed uniformly from a FIFO buffer of the last C stored groups. Only
 groups with mean correctness strictly in (0, 1) are stored (the others carry no GRPO signal),
 together with their responses, advantages and behaviour-policy log-probs mu (the payload).
-Public code (ASTRAL-Group/data-efficient-llm-rl): keeps the latest group of a question, samples
-uniformly, never removes a replayed group (FIFO eviction only), first round all fresh.
+Public code (ASTRAL-Group/data-efficient-llm-rl, ``ray_trainer_teacher_replay.py``): keeps the
+latest group of a question, samples uniformly, never removes a replayed group (FIFO eviction
+only), keeps the first selection round (mu = 2 steps) all fresh, and sizes the buffer at
+``buffer_size`` = 512 groups with 256 fresh groups per step (``select_buffer`` keeps the newest
+512 - 256 before appending the step's 256): C = 2 x the fresh groups, so a replayed group is
+1 or 2 steps old. ``replay.capacity_ratio`` (default 2.0) keeps that ratio at any batch size.
+
+Staleness is measured by the age of the replayed groups (current step - step that generated
+them; ``replay/mean_age``, ``replay/max_age``) and by the spread of the behaviour weights
+w = pi_old / mu (:func:`behaviour_weight_stats`). The mean weight is no staleness signal: for
+tokens sampled from mu, E_mu[pi_old / mu] = sum_y mu(y) pi_old(y) / mu(y) = 1 at every position,
+however far pi_old has moved from mu, so its average over many tokens is ~1 by construction
+(only truncation pulls it below 1). What grows with staleness is the variance: std, the range
+and the effective sample size ESS = (sum w)^2 / (N sum w^2) (1 when all weights are equal,
+-> 1/N when one token dominates).
 
 Replayed responses come from an older policy mu, so the PPO-clip loss needs a correction:
 
@@ -28,24 +41,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from recipe.config import ReplayConfig, is_int as _is_int, is_real as _is_real
+from recipe.config import ReplayConfig, is_int as _is_int, is_real as _is_real, replay_fresh_count
 
 __all__ = [
-    "ReplayConfig", "ReplayGroup", "RolloutReplayBuffer", "fresh_count", "behaviour_weights", "plain_old_log_prob",
-    "plain_clip_loss", "decoupled_clip_loss",
+    "ReplayConfig", "ReplayGroup", "RolloutReplayBuffer", "fresh_count", "behaviour_weights", "behaviour_weight_stats",
+    "plain_old_log_prob", "plain_clip_loss", "decoupled_clip_loss",
 ]
 
 #: Log-ratio clamp before exp, as verl's ``rollout_corr_helper.SAFETY_BOUND`` (exp(20) ~ 4.9e8).
 LOG_RATIO_BOUND = 20.0
 #: Config keys whose change makes a saved buffer invalid (checked by ``load_state_dict``).
-_STATE_KEYS = ("capacity", "store_only_mixed", "dedup_by_prompt", "metric", "seed")
+_STATE_KEYS = ("store_only_mixed", "dedup_by_prompt", "metric", "seed")
 _TOL = 1e-6  # a mean correctness within 1e-6 of 0 or 1 counts as all wrong / all correct
 
 
 def fresh_count(fresh_fraction: float, batch_groups: int) -> int:
     """Fresh groups of a B-group step once replay is running: max(1, floor(delta * B + 0.5))
     (half rounds up), at most B."""
-    return min(batch_groups, max(1, math.floor(fresh_fraction * batch_groups + 0.5)))
+    return replay_fresh_count(fresh_fraction, batch_groups)
 
 
 @dataclass
@@ -72,10 +85,22 @@ class RolloutReplayBuffer:
 
     Groups are kept in insertion order as ``(insertion_id, group)`` pairs; the id is unique, so
     no operation ever compares payloads. Sampling leaves groups in place; only capacity evicts.
+
+    Args:
+        config: the ``replay`` node.
+        batch_groups: B, groups per step (``data.train_batch_size``); sizes the buffer with
+            ``replay.capacity_ratio`` (C = ceil(ratio x round(delta x B))).
+
+    Attributes:
+        capacity: C, the resolved capacity in groups.
+
+    Raises:
+        ValueError: ``capacity_ratio`` set and ``batch_groups`` missing.
     """
 
-    def __init__(self, config: ReplayConfig | Mapping[str, Any] | None = None) -> None:
+    def __init__(self, config: ReplayConfig | Mapping[str, Any] | None = None, batch_groups: int | None = None) -> None:
         self.config = ReplayConfig.from_config(config)
+        self.capacity = self.config.buffer_capacity(batch_groups)
         self._items: list[tuple[int, ReplayGroup]] = []
         self._counter = 0
         self._rng = np.random.Generator(np.random.PCG64(self.config.seed))
@@ -123,17 +148,22 @@ class RolloutReplayBuffer:
             self._items.append((self._counter, replace(g, step=int(step))))
             self._counter += 1
             counts["stored"] += 1
-        overflow = max(0, len(self._items) - self.config.capacity)
+        overflow = max(0, len(self._items) - self.capacity)
         del self._items[:overflow]
         counts["evicted"] = overflow
         return counts
 
-    def plan(self, batch_groups: int) -> tuple[int, int]:
+    def plan(self, batch_groups: int, step: int | None = None) -> tuple[int, int]:
         """Split a step's B groups into (n_fresh, n_replay).
 
         n_fresh = max(1, floor(delta * B + 0.5)) (half rounds up), n_replay = B - n_fresh; but
-        (B, 0) when replay is disabled or the buffer holds fewer than n_replay groups (the
-        public code's first round is all fresh).
+        (B, 0) when replay is disabled, during the first ``replay.warmup_steps`` steps
+        (``step <= warmup_steps``; the public code's first round of mu steps is all fresh), or
+        when the buffer holds fewer than n_replay groups.
+
+        Args:
+            batch_groups: B.
+            step: the current (1-based) training step; None skips the warm-up rule.
 
         Raises:
             ValueError: batch_groups is not an integer >= 1.
@@ -142,7 +172,8 @@ class RolloutReplayBuffer:
             raise ValueError(f"batch_groups must be an integer >= 1, got {batch_groups!r}")
         n_fresh = fresh_count(self.config.fresh_fraction, batch_groups)
         n_replay = batch_groups - n_fresh
-        if not self.config.enable or len(self) < n_replay:
+        warming_up = step is not None and step <= self.config.warmup_steps
+        if not self.config.enable or warming_up or len(self) < n_replay:
             return int(batch_groups), 0
         return n_fresh, n_replay
 
@@ -169,25 +200,36 @@ class RolloutReplayBuffer:
             return []
         return [eligible[i] for i in self._rng.choice(len(eligible), size=n, replace=False).tolist()]
 
-    def mean_age(self, step: int, groups: Sequence[ReplayGroup] | None = None) -> float:
-        """Mean of ``step - group.step`` over ``groups`` (default: the whole buffer); 0 if empty."""
+    def ages(self, step: int, groups: Sequence[ReplayGroup] | None = None) -> list[int]:
+        """Age in steps, ``step - group.step`` (current step - step that generated the group),
+        of each of ``groups`` (default: the whole buffer, oldest first)."""
         groups = self.groups if groups is None else list(groups)
-        return float(np.mean([step - g.step for g in groups])) if groups else 0.0
+        return [int(step) - int(g.step) for g in groups]
+
+    def mean_age(self, step: int, groups: Sequence[ReplayGroup] | None = None) -> float:
+        """Mean of :meth:`ages` over ``groups`` (default: the whole buffer); 0 if empty."""
+        ages = self.ages(step, groups)
+        return float(np.mean(ages)) if ages else 0.0
 
     def metrics(self, step: int, n_fresh: int, replayed: Sequence[ReplayGroup]) -> dict[str, float]:
-        """``replay/size`` (groups stored), ``replay/fresh_groups``, ``replay/replayed_groups`` and
-        ``replay/mean_age`` (steps since the replayed groups were generated; 0 if none)."""
+        """``replay/size`` (groups stored), ``replay/capacity`` (C), ``replay/fresh_groups``,
+        ``replay/replayed_groups``, and ``replay/mean_age`` / ``replay/max_age`` (steps since the
+        replayed groups were generated; 0 when none was replayed)."""
+        ages = self.ages(step, replayed)
         return {
             "replay/size": float(len(self)),
+            "replay/capacity": float(self.capacity),
             "replay/fresh_groups": float(n_fresh),
             "replay/replayed_groups": float(len(replayed)),
-            "replay/mean_age": self.mean_age(step, replayed),
+            "replay/mean_age": float(np.mean(ages)) if ages else 0.0,
+            "replay/max_age": float(max(ages)) if ages else 0.0,
         }
 
     def state_dict(self) -> dict[str, Any]:
         """Plain dict (str/int/float/payload only) for ``torch.save``."""
         return {
             "config": asdict(self.config),
+            "capacity": self.capacity,
             "groups": [{"id": i, **{f.name: getattr(g, f.name) for f in fields(ReplayGroup)}} for i, g in self._items],
             "counter": self._counter,
             "rng": self._rng.bit_generator.state,
@@ -197,18 +239,22 @@ class RolloutReplayBuffer:
         """Restore groups, insertion counter and generator state.
 
         Raises:
-            ValueError: a key is missing, or ``replay.<key>`` of the checkpoint differs from this
-                buffer's config for a key in ``capacity, store_only_mixed, dedup_by_prompt,
-                metric, seed``.
+            ValueError: a key is missing, the checkpoint's capacity C differs from this buffer's
+                (resolved) C, or ``replay.<key>`` of the checkpoint differs from this buffer's
+                config for a key in ``store_only_mixed, dedup_by_prompt, metric, seed``.
         """
         missing = [k for k in ("config", "groups", "counter", "rng") if k not in sd]
         if missing:
             raise ValueError(f"replay state_dict lacks {missing}")
+        saved_capacity = sd.get("capacity", sd["config"].get("capacity"))
+        if saved_capacity != self.capacity:
+            raise ValueError(f"replay capacity: the checkpoint was saved with C = {saved_capacity} groups, the config "
+                             f"gives C = {self.capacity} (replay.capacity / replay.capacity_ratio)")
         for key in _STATE_KEYS:
             saved, now = sd["config"].get(key), getattr(self.config, key)
             if saved != now:
                 raise ValueError(f"replay.{key}: the checkpoint was saved with {saved!r}, the config has {now!r}")
-        if len(sd["groups"]) > self.config.capacity:
+        if len(sd["groups"]) > self.capacity:
             raise ValueError(f"replay state_dict holds {len(sd['groups'])} groups > replay.capacity")
         self._items = [(int(d["id"]), ReplayGroup(**{k: v for k, v in d.items() if k != "id"})) for d in sd["groups"]]
         self._counter = int(sd["counter"])
@@ -264,6 +310,51 @@ def behaviour_weights(old_log_prob: torch.Tensor, behaviour_log_prob: torch.Tens
     if truncation is not None:
         w = w.clamp(max=truncation)
     return torch.where(response_mask.bool(), w, torch.zeros_like(w)).detach()
+
+
+def behaviour_weight_stats(old_log_prob: torch.Tensor, behaviour_log_prob: torch.Tensor,
+                           response_mask: torch.Tensor, truncation: float | None = None) -> dict[str, float]:
+    """Spread of the behaviour weights w = min(pi_old / mu, c) over the masked (replayed) tokens.
+
+    The weights are those :func:`behaviour_weights` gives (what ``decoupled`` multiplies the loss
+    by, and the cap ``plain`` puts on pi_old / anchor). Their mean is ~1 by construction
+    (E_mu[pi_old / mu] = 1 for tokens sampled from mu; module docstring), so staleness shows in
+    the spread: ``is_weight_std`` (population std, ddof 0), ``is_weight_min`` / ``is_weight_max``,
+    ``is_weight_ess`` = (sum w)^2 / (N sum w^2) in (0, 1] (a fraction of the N tokens; 1 when
+    all weights are equal), and ``truncated_frac``: share of the N tokens whose raw weight
+    pi_old / mu exceeded c (0 without truncation).
+
+    Args:
+        old_log_prob: ``[B, T]`` log pi_old (nats). behaviour_log_prob: ``[B, T]`` log mu (nats).
+        response_mask: ``[B, T]`` bool / 0-1, 1 = a token to count (e.g. replayed response tokens).
+        truncation: c >= 1 or None.
+
+    Returns:
+        ``{"is_weight_mean", "is_weight_std", "is_weight_min", "is_weight_max", "is_weight_ess",
+        "truncated_frac"}`` as floats; with no token counted: mean / min / max / ess 1, std and
+        truncated_frac 0 (on-policy values).
+
+    Raises:
+        ValueError: shapes differ or c < 1.
+    """
+    w = behaviour_weights(old_log_prob, behaviour_log_prob, response_mask, truncation).to(torch.float64)
+    mask = response_mask.bool()
+    n = int(mask.sum())
+    if n == 0:
+        return {"is_weight_mean": 1.0, "is_weight_std": 0.0, "is_weight_min": 1.0, "is_weight_max": 1.0,
+                "is_weight_ess": 1.0, "truncated_frac": 0.0}
+    v = w[mask]
+    raw = (old_log_prob - behaviour_log_prob).to(torch.float64)[mask]
+    truncated = 0.0 if truncation is None else float((raw > math.log(truncation)).sum()) / n
+    total, sq = float(v.sum()), float((v * v).sum())
+    return {
+        "is_weight_mean": total / n,
+        "is_weight_std": float(v.std(unbiased=False)),
+        "is_weight_min": float(v.min()),
+        "is_weight_max": float(v.max()),
+        "is_weight_ess": total * total / (n * sq) if sq > 0 else 0.0,
+        "truncated_frac": truncated,
+    }
 
 
 def plain_old_log_prob(old_log_prob: torch.Tensor, behaviour_log_prob: torch.Tensor, replayed: torch.Tensor,

@@ -4,9 +4,9 @@
 keeps a replay buffer of whole groups (:class:`recipe.algos.rollout_replay.RolloutReplayBuffer`).
 A training step of ``B`` groups is, through its hooks (:mod:`recipe.stages.base`):
 
-1. ``plan``: how many fresh prompts to generate: ``round(delta * B)`` once the buffer holds
-   the other ``B - round(delta * B)`` groups, all ``B`` before that (the paper's first round
-   is all fresh);
+1. ``plan``: how many fresh prompts to generate: ``round(delta * B)`` once the first
+   ``warmup_steps`` steps are over (the public code's first round of mu steps is all fresh) and
+   the buffer holds the other ``B - round(delta * B)`` groups, all ``B`` before that;
 2. ``sample``: the fresh groups pass the group filter as before; their TransferQueue fields
    (prompt, responses, masks, rewards, rollout log-probs, ...) are snapshotted, then the
    replayed groups drawn from the buffer are written back into TransferQueue under their
@@ -21,20 +21,25 @@ A training step of ``B`` groups is, through its hooks (:mod:`recipe.stages.base`
    - ``correction: decoupled`` (the public code): w * PPO-clip(pi_theta / pi_old) with the
      behaviour weight w = pi_old / mu: verl's own ``algorithm.rollout_correction``
      (token-level IS, ``rollout_is_threshold`` = c) applied with ``rollout_log_probs`` := mu
-     on replayed rows (fresh rows keep the rollout engine's log-probs, w ~ 1);
+     on replayed rows; with ``correction_rows: replayed`` (default, as the public code) fresh
+     rows get ``rollout_log_probs`` := pi_old, so verl's weight exp(pi_old - pi_old) is exactly
+     1 on them; with ``correction_rows: all`` they keep the rollout engine's log-probs (verl's
+     rollout-engine mismatch correction pi_old / pi_rollout on every row);
    - ``correction: none``: no correction (replayed groups treated as on-policy);
 4. ``after_advantage``: with ``replay.reuse_advantages`` the stored advantages of replayed groups
    replace the recomputed ones (identical for group-relative estimators such as GRPO);
 5. ``after_update_actor``: the step's fresh groups go into the buffer
    with their old log-probs (their behaviour policy: sync training is on-policy) and
    advantages; only groups with 0 < mean accuracy < 1 (``store_only_mixed``), deduplicated
-   by prompt, FIFO capacity ``capacity`` groups.
+   by prompt, FIFO capacity C groups (``capacity``, or ``capacity_ratio`` x the fresh groups
+   per step, B being ``data.train_batch_size``).
 
 The buffer is saved with verl's checkpoints (``state_dict``, in ``global_step_N/recipe_state.pt``). Metrics: ``replay/size``,
-``replay/fresh_groups``, ``replay/replayed_groups``, ``replay/mean_age`` (steps since the
-replayed groups were generated), ``replay/is_weight_mean`` (mean behaviour weight
-pi_old / mu over replayed response tokens, after truncation), ``replay/stored``,
-``replay/evicted``.
+``replay/capacity``, ``replay/fresh_groups``, ``replay/replayed_groups``, ``replay/mean_age`` and
+``replay/max_age`` (steps since the replayed groups were generated), the behaviour weights
+w = min(pi_old / mu, c) over replayed response tokens (:func:`~recipe.algos.rollout_replay.behaviour_weight_stats`:
+``replay/is_weight_mean`` (~1 by construction, no staleness signal), ``_std``, ``_min``,
+``_max``, ``_ess``, and ``replay/truncated_frac``), ``replay/stored``, ``replay/evicted``.
 
 Works with every recipe of ``conf/recipe/`` through config alone (it only changes which
 groups are in the batch and, for replayed rows, ``old_log_probs`` / ``rollout_log_probs`` /
@@ -54,7 +59,7 @@ import transfer_queue as tq
 from tensordict import TensorDict
 from transfer_queue import KVBatchMeta
 
-from recipe.algos.rollout_replay import ReplayGroup, RolloutReplayBuffer, behaviour_weights, plain_old_log_prob
+from recipe.algos.rollout_replay import ReplayGroup, RolloutReplayBuffer, behaviour_weight_stats, plain_old_log_prob
 from recipe.config import ReplayConfig
 from recipe.stages.base import Handles, SampleContext, Stage, register_stage
 from recipe.stages.rows import (
@@ -105,7 +110,11 @@ class RolloutReplayStage(Stage):
 
     Args:
         cfg: :class:`recipe.config.ReplayConfig`.
-        config: the run config (unused).
+        config: the run config; ``data.train_batch_size`` (B, groups per step) sizes the
+            buffer with ``replay.capacity_ratio``.
+
+    Raises:
+        ValueError: ``replay.capacity_ratio`` set and no ``data.train_batch_size`` to size it by.
     """
 
     name = "rollout_replay"
@@ -116,7 +125,8 @@ class RolloutReplayStage(Stage):
     def __init__(self, cfg: ReplayConfig, config=None):
         super().__init__(cfg, config)
         self.replay_cfg = cfg
-        self.buffer = RolloutReplayBuffer(cfg)
+        batch = config.get("data", {}).get("train_batch_size") if config is not None else None
+        self.buffer = RolloutReplayBuffer(cfg, batch_groups=int(batch) if batch is not None else None)
         self._plan: tuple[int, int] | None = None
         self._fresh: list[tuple[str, list[str], list[dict], list[dict[str, Any]]]] = []
         self._replayed: dict[str, ReplayGroup] = {}  # key -> its group
@@ -125,7 +135,7 @@ class RolloutReplayStage(Stage):
     # ------------------------------------------------------------------ prepare
     def plan(self, h: Handles, n_fresh: int) -> tuple[int, dict]:
         """Decide this step's fresh / replayed split of ``n_fresh`` groups; returns the fresh count."""
-        self._plan = self.buffer.plan(n_fresh)
+        self._plan = self.buffer.plan(n_fresh, step=h.step)
         return self._plan[0], {}
 
     # ------------------------------------------------------------------ sample
@@ -194,16 +204,30 @@ class RolloutReplayStage(Stage):
     def after_old_log_prob(self, h: Handles, batch: KVBatchMeta, metrics: dict) -> None:
         """Off-policy correction of replayed rows once verl wrote pi_old (``old_log_probs``).
 
-        Adds ``replay/is_weight_mean``: mean of w = pi_old / mu over replayed response tokens
-        (after truncation; 1.0 when nothing was replayed).
+        Adds the ``replay/is_weight_*`` and ``replay/truncated_frac`` statistics of
+        w = min(pi_old / mu, c) over replayed response tokens (on-policy values when nothing was
+        replayed; :func:`~recipe.algos.rollout_replay.behaviour_weight_stats`).
         """
         metrics.update(self.correct_replayed(batch))
 
+    def _fresh_weights_one(self, batch: KVBatchMeta) -> None:
+        """``correction=decoupled, correction_rows=replayed``: ``rollout_log_probs`` := pi_old on
+        every row that is not replayed, so verl's token-level weight is exp(0) = 1 exactly there."""
+        keys = [k for k in batch.keys if k not in self._replayed]
+        if not keys:
+            return
+        data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=["old_log_probs"])
+        tq.kv_batch_put(keys=keys, partition_id=batch.partition_id,
+                        fields=TensorDict({"rollout_log_probs": data["old_log_probs"]}, batch_size=len(keys)))
+
     def correct_replayed(self, batch: KVBatchMeta) -> dict[str, float]:
         """:meth:`after_old_log_prob`'s work; returns its metrics."""
+        if self.replay_cfg.correction == "decoupled" and self.replay_cfg.correction_rows == "replayed":
+            self._fresh_weights_one(batch)
         rows = self._replayed_rows(batch)
         if not rows:
-            return {"replay/is_weight_mean": 1.0}
+            return {f"replay/{k}": v for k, v in behaviour_weight_stats(
+                torch.zeros(0, 0), torch.zeros(0, 0), torch.zeros(0, 0)).items()}
         keys = [k for k, _ in rows]
         data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=["old_log_probs"])
         pad = torch.nn.utils.rnn.pad_sequence  # rows: pi_old and mu [T_i] of each replayed sample
@@ -211,8 +235,8 @@ class RolloutReplayStage(Stage):
         mu = pad([m.to(old.dtype) for _, m in rows], batch_first=True)
         lengths = [int(m.numel()) for _, m in rows]
         mask = pad([torch.ones(n, dtype=old.dtype) for n in lengths], batch_first=True)
-        w = behaviour_weights(old, mu, mask, truncation=self.replay_cfg.truncation)
-        metrics = {"replay/is_weight_mean": float((w * mask).sum() / mask.sum().clamp_min(1.0))}
+        stats = behaviour_weight_stats(old, mu, mask, truncation=self.replay_cfg.truncation)
+        metrics = {f"replay/{k}": v for k, v in stats.items()}
         if self.replay_cfg.correction == "plain":
             anchor = plain_old_log_prob(old, mu, torch.ones(len(rows), dtype=torch.bool),
                                         truncation=self.replay_cfg.truncation)

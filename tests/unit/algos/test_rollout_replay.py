@@ -13,6 +13,7 @@ import torch
 from recipe.algos.rollout_replay import (
     ReplayGroup,
     RolloutReplayBuffer,
+    behaviour_weight_stats,
     behaviour_weights,
     decoupled_clip_loss,
     plain_clip_loss,
@@ -47,8 +48,14 @@ def grp(key, mean=0.5, uid=None, payload=None):
     return ReplayGroup(prompt_key=key, uid=uid or f"u-{key}", step=-1, mean_reward=mean, payload=payload)
 
 
-def buf(**kw):
-    return RolloutReplayBuffer({"enable": True, **kw})
+def buf(batch_groups=None, **kw):
+    """A buffer with ``replay.enable``; an absolute ``capacity`` (else 256) unless sized by
+    ``batch_groups`` with ``capacity_ratio``."""
+    if "capacity" in kw:
+        kw.setdefault("capacity_ratio", None)
+    elif batch_groups is None:
+        kw.update(capacity=256, capacity_ratio=None)
+    return RolloutReplayBuffer({"enable": True, **kw}, batch_groups=batch_groups)
 
 
 # --------------------------------------------------------------------------- add / FIFO / dedup
@@ -126,7 +133,7 @@ def test_hostile_payloads_never_compared_or_hashed():
     ],
 )
 def test_plan(kw, stored, batch, expected):
-    b = RolloutReplayBuffer({"enable": True, "capacity": 16, **kw})
+    b = RolloutReplayBuffer({"enable": True, "capacity": 16, "capacity_ratio": None, **kw})
     b.add([grp(f"p{i}") for i in range(stored)], step=0)
     assert b.plan(batch) == expected
 
@@ -176,9 +183,88 @@ def test_mean_age_and_metrics():
     assert b.mean_age(5) == pytest.approx((4 + 4 + 1) / 3)
     replayed = [g for g in b.groups if g.prompt_key in ("a", "c")]
     assert b.metrics(5, n_fresh=2, replayed=replayed) == {
-        "replay/size": 3.0, "replay/fresh_groups": 2.0, "replay/replayed_groups": 2.0, "replay/mean_age": 2.5}
-    assert b.metrics(5, 4, [])["replay/mean_age"] == 0.0
+        "replay/size": 3.0, "replay/capacity": 10.0, "replay/fresh_groups": 2.0, "replay/replayed_groups": 2.0,
+        "replay/mean_age": 2.5, "replay/max_age": 4.0}
+    assert b.metrics(5, 4, [])["replay/mean_age"] == b.metrics(5, 4, [])["replay/max_age"] == 0.0
     assert buf().mean_age(3) == 0.0
+
+
+def test_ages_over_scripted_pushes_and_evictions():
+    """C = 4, every group stored (store_only_mixed off), dedup on. Hand bookkeeping, oldest
+    first, as (prompt, step added):
+    step 1 adds a1 b1 c1            -> [a1 b1 c1]
+    step 2 adds d2 e2               -> [a1 b1 c1 d2 e2] -> evict a1 -> [b1 c1 d2 e2]
+    step 3 adds b3 (dedup drops b1) -> [c1 d2 e2 b3]
+    step 4 adds f4 g4               -> evict c1 d2 -> [e2 b3 f4 g4]
+    step 5 replays them all: ages 5-2, 5-3, 5-4, 5-4 = 3, 2, 1, 1."""
+    b = buf(capacity=4, store_only_mixed=False)
+    assert b.add([grp("a"), grp("b"), grp("c")], step=1)["evicted"] == 0
+    assert b.ages(2) == [1, 1, 1]
+    assert b.add([grp("d"), grp("e")], step=2)["evicted"] == 1
+    assert [g.prompt_key for g in b.groups] == ["b", "c", "d", "e"] and b.ages(3) == [2, 2, 1, 1]
+    counts = b.add([grp("b")], step=3)
+    assert (counts["replaced_duplicates"], counts["evicted"]) == (1, 0)
+    assert [(g.prompt_key, g.step) for g in b.groups] == [("c", 1), ("d", 2), ("e", 2), ("b", 3)]
+    assert b.add([grp("f"), grp("g")], step=4)["evicted"] == 2
+    assert [(g.prompt_key, g.step) for g in b.groups] == [("e", 2), ("b", 3), ("f", 4), ("g", 4)]
+    replayed = b.sample(4)
+    m = b.metrics(5, n_fresh=4, replayed=replayed)
+    assert sorted(b.ages(5, replayed)) == [1, 1, 2, 3]
+    assert (m["replay/mean_age"], m["replay/max_age"]) == (7 / 4, 3.0)
+    two = [g for g in b.groups if g.prompt_key in ("b", "f")]
+    assert b.metrics(6, 2, two)["replay/mean_age"] == (3 + 2) / 2 and b.metrics(6, 2, two)["replay/max_age"] == 3.0
+
+
+@pytest.mark.parametrize("ratio,delta,batch,expected", [
+    (2.0, 0.5, 512, 512),  # public code: buffer_size 512 with 256 fresh groups
+    (1.0, 0.5, 512, 256),  # the paper's smaller C
+    (2.0, 0.5, 8, 8),  # the CPU benchmark's 4 fresh groups (was 256 = 64 steps of them)
+    (2.0, 0.5, 5, 6),  # 2.5 -> 3 fresh (half up) x 2
+    (1.5, 0.5, 3, 3),  # 2 fresh x 1.5
+    (1.25, 0.5, 6, 4),  # 3 x 1.25 = 3.75 -> 4 (ceil)
+])
+def test_capacity_ratio_sizes_the_buffer_from_the_fresh_groups(ratio, delta, batch, expected):
+    b = buf(batch_groups=batch, capacity_ratio=ratio, fresh_fraction=delta)
+    assert b.capacity == expected
+    b.add([grp(f"p{i}") for i in range(expected + 3)], step=1)
+    assert len(b) == expected and b.metrics(2, 0, [])["replay/capacity"] == expected
+
+
+def test_capacity_ratio_ages_stay_one_or_two_steps():
+    """B = 8, delta 0.5 -> 4 fresh groups a step, C = 2 x 4 = 8, every group stored: after the
+    warm-up the buffer holds exactly the last two steps' groups, so replayed ages are 1 or 2."""
+    b = buf(batch_groups=8, store_only_mixed=False, seed=0)
+    ages = []
+    for step in range(1, 13):
+        n_fresh, n_replay = b.plan(8, step=step)
+        assert (n_fresh, n_replay) == ((8, 0) if step <= 2 else (4, 4))
+        ages += b.ages(step, b.sample(n_replay))
+        b.add([grp(f"s{step}-{i}") for i in range(n_fresh)], step)
+        assert len(b) == 8
+    assert set(ages) == {1, 2} and len(ages) == 10 * 4
+
+
+def test_capacity_config_both_or_neither_is_an_error():
+    with pytest.raises(ValueError, match=r"replay\.capacity=8 and replay\.capacity_ratio=2\.0 are both set"):
+        RolloutReplayBuffer({"capacity": 8}, batch_groups=4)
+    with pytest.raises(ValueError, match=r"replay\.capacity and replay\.capacity_ratio are both null"):
+        RolloutReplayBuffer({"capacity_ratio": None})
+    with pytest.raises(ValueError, match=r"replay\.capacity_ratio=2\.0 sizes the buffer.*data\.train_batch_size"):
+        RolloutReplayBuffer({"enable": True})
+    with pytest.raises(ValueError, match=r"replay\.capacity_ratio must be a number > 0"):
+        RolloutReplayBuffer({"capacity_ratio": 0.0}, batch_groups=4)
+
+
+@pytest.mark.parametrize("warmup,first_replay_step", [(0, 2), (1, 2), (2, 3), (4, 5)])
+def test_warmup_steps_are_all_fresh(warmup, first_replay_step):
+    """The buffer is full from step 1 on (every group stored), so only the warm-up keeps a
+    step all fresh; step None (no step known) ignores the warm-up."""
+    b = buf(capacity=8, store_only_mixed=False, warmup_steps=warmup)
+    for step in range(1, 7):
+        plan = b.plan(4, step=step)
+        assert plan == ((4, 0) if step < first_replay_step else (2, 2)), step
+        b.add([grp(f"s{step}-{i}") for i in range(plan[0])], step)
+    assert b.plan(4) == (2, 2)
 
 
 # --------------------------------------------------------------------------- state
@@ -216,8 +302,15 @@ def test_state_roundtrip_resume_equals_uninterrupted():
 def test_load_state_mismatch_and_missing_keys():
     a = buf(capacity=4)
     a.add([grp("p")], step=0)
-    with pytest.raises(ValueError, match=r"replay\.capacity.*4.*8"):
+    with pytest.raises(ValueError, match=r"replay capacity: the checkpoint was saved with C = 4 groups, the config "
+                                         r"gives C = 8"):
         buf(capacity=8).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match=r"C = 4 groups, the config gives C = 6"):  # ratio 2 x 3 fresh of B = 6
+        buf(batch_groups=6).load_state_dict(a.state_dict())
+    buf(batch_groups=4, capacity_ratio=2.0).load_state_dict(a.state_dict())  # 2 x 2 fresh = 4: same C
+    old = a.state_dict()  # a checkpoint from before capacity_ratio: C only in its config
+    del old["capacity"]
+    buf(capacity=4).load_state_dict(old)
     with pytest.raises(ValueError, match=r"replay\.seed"):
         buf(capacity=4, seed=1).load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match="lacks"):
@@ -246,6 +339,51 @@ def test_behaviour_weights_by_hand():
         behaviour_weights(OLD, MU, MASK, truncation=0.9)
     with pytest.raises(ValueError, match="shape"):
         behaviour_weights(OLD, MU[:, :1], MASK)
+
+
+def test_behaviour_weight_stats_by_hand():
+    """w over the 3 unmasked tokens = 2, 0.5, 4 (OLD / MU). Mean 6.5 / 3; population variance
+    ((2 - 13/6)^2 + (0.5 - 13/6)^2 + (4 - 13/6)^2) / 3 = (1 + 100 + 121) / 108; ESS = 6.5^2 /
+    (3 x (4 + 0.25 + 16)) = 42.25 / 60.75. With c = 3: w = 2, 0.5, 3, one token of three truncated."""
+    st = behaviour_weight_stats(OLD, MU, MASK)
+    assert st == pytest.approx({"is_weight_mean": 6.5 / 3, "is_weight_std": math.sqrt(222 / 108), "is_weight_min": 0.5,
+                                "is_weight_max": 4.0, "is_weight_ess": 42.25 / 60.75, "truncated_frac": 0.0})
+    st = behaviour_weight_stats(OLD, MU, MASK, truncation=3.0)
+    m = 5.5 / 3
+    assert st == pytest.approx({"is_weight_mean": m, "is_weight_std": math.sqrt(((2 - m) ** 2 + (0.5 - m) ** 2 +
+                                                                                 (3 - m) ** 2) / 3),
+                                "is_weight_min": 0.5, "is_weight_max": 3.0, "is_weight_ess": 5.5 ** 2 / (3 * 13.25),
+                                "truncated_frac": 1 / 3})
+    # c above the largest weight: nothing capped, nothing counted as truncated
+    assert behaviour_weight_stats(OLD, MU, MASK, truncation=4.5)["truncated_frac"] == 0.0
+    # on-policy (pi_old == mu): every weight 1, ESS 1; no token at all: the same on-policy values
+    same = behaviour_weight_stats(OLD, OLD, MASK)
+    assert same == {"is_weight_mean": 1.0, "is_weight_std": 0.0, "is_weight_min": 1.0, "is_weight_max": 1.0,
+                    "is_weight_ess": 1.0, "truncated_frac": 0.0}
+    assert behaviour_weight_stats(OLD, MU, torch.zeros(2, 2, dtype=torch.bool)) == same
+    # one token dominating: ESS -> 1/N (here w = e^10, 1, 1, 1 over N = 4)
+    big = behaviour_weight_stats(torch.tensor([[10.0, 0.0, 0.0, 0.0]]), torch.zeros(1, 4), torch.ones(1, 4))
+    e = math.exp(10.0)
+    assert big["is_weight_ess"] == pytest.approx((e + 3) ** 2 / (4 * (e * e + 3))) and big["is_weight_ess"] < 0.2501
+
+
+def test_mean_weight_is_one_by_construction_however_stale():
+    """E_mu[pi_old / mu] = 1 for tokens sampled from mu: draw 20,000 tokens from mu over a
+    5-token vocabulary and weight them by pi_old / mu for a pi_old near mu and one far from it.
+    The mean stays ~1 (no staleness signal) while std grows and ESS falls."""
+    g = torch.Generator().manual_seed(0)
+    mu = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
+    near = torch.tensor([0.38, 0.31, 0.16, 0.1, 0.05])
+    far = torch.tensor([0.05, 0.1, 0.15, 0.3, 0.4])
+    y = torch.multinomial(mu, 20000, replacement=True, generator=g).view(1, -1)
+    mask = torch.ones_like(y, dtype=torch.bool)
+    st_near = behaviour_weight_stats(near.log()[y], mu.log()[y], mask)
+    st_far = behaviour_weight_stats(far.log()[y], mu.log()[y], mask)
+    assert abs(st_near["is_weight_mean"] - 1) < 0.01 and abs(st_far["is_weight_mean"] - 1) < 0.1
+    # exact: E[w^2] = sum pi_old^2 / mu; ESS -> 1 / E[w^2]
+    ess_far = 1 / float((far ** 2 / mu).sum())
+    assert st_far["is_weight_ess"] == pytest.approx(ess_far, rel=0.1) and ess_far < 0.25
+    assert st_near["is_weight_ess"] > 0.99 and st_far["is_weight_std"] > 10 * st_near["is_weight_std"]
 
 
 def test_plain_old_log_prob_by_hand():

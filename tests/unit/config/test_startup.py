@@ -74,9 +74,27 @@ def test_configure_replay_grpo_dots_rr(composed):
 
 @pytest.mark.parametrize("batch,delta,gen", [(6, 0.5, 3), (8, 0.25, 2), (5, 0.5, 1), (4, 1.0, 4)])
 def test_configure_replay_gen_batch_size_is_gcd(composed, batch, delta, gen):
-    cfg = _cfg(composed, data__train_batch_size=batch, replay__fresh_fraction=delta)
+    cfg = _cfg(composed, data__train_batch_size=batch, replay__fresh_fraction=delta, replay__capacity_ratio=4.0)
     configure_replay(cfg)
     assert cfg.data.gen_batch_size == gen
+
+
+@pytest.mark.parametrize("edits,named", [
+    # B = 8, delta 0.25: 2 fresh, 6 replayed; C = 2 x 2 = 4 cannot hold them
+    ({"data__train_batch_size": 8, "replay__fresh_fraction": 0.25},
+     r"^replay\.capacity_ratio=2\.0 x 2 fresh groups = 4 cannot hold the 6 replayed groups of a step"),
+    ({"replay__capacity": 1, "replay__capacity_ratio": None}, r"^replay\.capacity=1 cannot hold the 2 replayed groups"),
+    ({"replay__capacity": 8}, r"replay\.capacity=8 and replay\.capacity_ratio=2\.0 are both set"),
+    ({"replay__capacity_ratio": None}, r"replay\.capacity and replay\.capacity_ratio are both null"),
+    ({"replay__correction": "plain", "replay__correction_rows": "all"},
+     r"replay\.correction_rows=all .* needs replay\.correction=decoupled"),
+    ({"algorithm__rollout_correction__rollout_is_batch_normalize": True},
+     r"replay\.correction_rows=replayed .*rollout_is_batch_normalize=true"),
+])
+def test_configure_replay_capacity_and_rows_errors(composed, edits, named):
+    with pytest.raises(ConfigError, match=named):
+        configure_replay(_cfg(composed, **edits))
+    configure_replay(_cfg(composed, replay__capacity=2, replay__capacity_ratio=None))  # C = the 2 replayed: fine
 
 
 def test_configure_replay_truncation_sets_threshold(composed):
@@ -159,7 +177,7 @@ def test_check_stages_accepts_every_recipe(composed, name):
     ({"lorr__reset__alpha": 2.0}, r"^lorr\.reset\.alpha must be a number in \[0, 1\], got 2\.0$"),
     ({"group_filter__mode": "resample"}, r"^group_filter\.mode must be one of \('drop', 'refill'\), got 'resample'$"),
     ({"actor_rollout_ref__rollout__n": 1}, r"algorithm\.adv_estimator=grpo"),
-    ({"replay__capacity": 0}, r"^replay\.capacity must be an integer > 0, got 0$"),
+    ({"replay__capacity": 0}, r"^replay\.capacity must be an integer > 0 or null, got 0$"),
 ])
 def test_check_stages_errors_name_the_key(composed, edits, named):
     with pytest.raises(ConfigError, match=named):

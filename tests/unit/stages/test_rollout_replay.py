@@ -43,9 +43,17 @@ def fake_tq(monkeypatch):
     return fake
 
 
-def make_stage(**replay) -> RolloutReplayStage:
-    """The stage as the trainer builds it from the ``replay`` node (``Stage.load_config``)."""
-    return RolloutReplayStage(ReplayConfig.from_config(replay))
+def make_stage(config=None, **replay) -> RolloutReplayStage:
+    """The stage as the trainer builds it from the ``replay`` node (``Stage.load_config``) and
+    the run ``config``. An absolute ``capacity`` turns ``capacity_ratio`` off; without either
+    (and no config to size by) C = 256. ``warmup_steps`` defaults to 0 here (replay from step
+    2, the step layout of these tests); the warm-up has its own tests."""
+    if "capacity" in replay:
+        replay.setdefault("capacity_ratio", None)
+    elif config is None:
+        replay.update(capacity=256, capacity_ratio=None)
+    replay.setdefault("warmup_steps", 0)
+    return RolloutReplayStage(ReplayConfig.from_config(replay), config)
 
 
 def make_sampler(*stages) -> GroupFilterSampler:
@@ -136,6 +144,9 @@ OLD2 = {
     "ue_0_0": [-0.7, -0.7], "ue_1_0": [-0.9], "uf_0_0": [-0.4], "uf_1_0": [-0.6],
 }
 REPLAYED_KEYS = ["ua_0_0", "ua_1_0", "ub_0_0", "ub_1_0"]
+#: The weight statistics of a step that replays nothing (every weight 1).
+ON_POLICY = {"replay/is_weight_mean": 1.0, "replay/is_weight_std": 0.0, "replay/is_weight_min": 1.0,
+             "replay/is_weight_max": 1.0, "replay/is_weight_ess": 1.0, "replay/truncated_frac": 0.0}
 
 
 def run_step1(stage, fake, monkeypatch):
@@ -145,7 +156,7 @@ def run_step1(stage, fake, monkeypatch):
     batch, metrics, calls = run_sample(stage, fake, monkeypatch, 1, STEP1, 4, n_fresh)
     assert calls == [4]
     fake.write("old_log_probs", OLD1)
-    assert call(stage.after_old_log_prob, batch) == {"replay/is_weight_mean": 1.0}
+    assert call(stage.after_old_log_prob, batch) == ON_POLICY
     fake.write("advantages", ADV1)
     assert call(stage.after_advantage, batch) == {}
     stored = call(stage.after_update_actor, batch, step=1)
@@ -185,7 +196,7 @@ def _payload(keys, lengths, seed, lp_dtype=torch.float32):
 
 
 def _buffer(groups=None, steps=(1, 2, 3)):
-    buf = RolloutReplayBuffer(ReplayConfig(enable=True, capacity=8))
+    buf = RolloutReplayBuffer(ReplayConfig(enable=True, capacity=8, capacity_ratio=None))
     specs = groups or [("p0", "u0", [2, 3]), ("p1", "u1", [1, 4]), ("p2", "u2", [3, 3])]
     for (pk, uid, lengths), step in zip(specs, steps):
         keys = [f"{uid}_{j}_0" for j in range(len(lengths))]
@@ -202,7 +213,7 @@ def test_fingerprint_equal_after_torch_save_load_round_trip():
     blob.seek(0)
     loaded = torch.load(blob, weights_only=False)  # as RecipeTrainer._load_checkpoint
     assert state_fingerprint(loaded) == state_fingerprint(state)
-    restored = RolloutReplayBuffer(ReplayConfig(enable=True, capacity=8))
+    restored = RolloutReplayBuffer(ReplayConfig(enable=True, capacity=8, capacity_ratio=None))
     restored.load_state_dict(loaded)
     assert state_fingerprint(restored.state_dict()) == state_fingerprint(state)
     # deterministic and not trivially constant
@@ -252,10 +263,15 @@ def test_stage_registration_and_config_node():
     assert issubclass(RolloutReplayStage, Stage)
     assert (RolloutReplayStage.name, RolloutReplayStage.node, RolloutReplayStage.order) == (
         "rollout_replay", "replay", 20)
-    cfg = RolloutReplayStage.load_config({"replay": {"enable": True, "capacity": 8}})
+    cfg = RolloutReplayStage.load_config({"replay": {"enable": True, "capacity": 8, "capacity_ratio": None}})
     assert isinstance(cfg, ReplayConfig) and cfg.capacity == 8 and RolloutReplayStage.enabled(cfg, None)
+    # the default: C = capacity_ratio 2 x the fresh groups of data.train_batch_size (round(0.5 x 6) = 3)
+    config = {"replay": {"enable": True}, "data": {"train_batch_size": 6}}
+    assert RolloutReplayStage(RolloutReplayStage.load_config(config), config).buffer.capacity == 6
+    with pytest.raises(ValueError, match=r"replay\.capacity_ratio=2\.0 sizes the buffer .*data\.train_batch_size"):
+        RolloutReplayStage(RolloutReplayStage.load_config(config), {"replay": {"enable": True}})
     assert not RolloutReplayStage.enabled(RolloutReplayStage.load_config({}), None)
-    with pytest.raises(ValueError, match=r"replay\.capacity must be an integer > 0, got 0"):
+    with pytest.raises(ValueError, match=r"replay\.capacity must be an integer > 0 or null, got 0"):
         RolloutReplayStage.load_config({"replay": {"capacity": 0}})
     s = make_stage(enable=True)
     assert s.replay_cfg is s.cfg and len(s.buffer) == 0 and s.state_dict()["groups"] == []
@@ -266,7 +282,8 @@ def test_disabled_replay_leaves_the_sampler_plain_group_filter(fake_tq, monkeypa
     filter's batch through untouched and nothing is written to TransferQueue."""
     stages = build_stages({"replay": {"enable": False}})
     assert "rollout_replay" not in [st.name for st in stages]
-    assert "rollout_replay" in [st.name for st in build_stages({"replay": {"enable": True}})]
+    assert "rollout_replay" in [st.name for st in build_stages({"replay": {"enable": True},
+                                                                "data": {"train_batch_size": 4}})]
     prepared = KVBatchMeta(partition_id=P, keys=list(STEP1), tags=[{"status": "finished"} for _ in STEP1])
     calls = []
 
@@ -298,8 +315,8 @@ def test_store_fresh_adds_mixed_groups_with_pi_old_as_behaviour(fake_tq, monkeyp
     s = make_stage(enable=True, capacity=8)
     batch, metrics, stored = run_step1(s, fake_tq, monkeypatch)
     assert batch.keys == list(STEP1) and not any(REPLAYED in t for t in batch.tags)
-    assert metrics == {"filter/kept_groups": 4, "replay/size": 0.0, "replay/fresh_groups": 4.0,
-                       "replay/replayed_groups": 0.0, "replay/mean_age": 0.0}
+    assert metrics == {"filter/kept_groups": 4, "replay/size": 0.0, "replay/capacity": 8.0, "replay/fresh_groups": 4.0,
+                       "replay/replayed_groups": 0.0, "replay/mean_age": 0.0, "replay/max_age": 0.0}
     assert stored == {"replay/stored": 2, "replay/evicted": 0, "replay/size": 2}
     ga, gb = s.buffer.groups
     assert (ga.uid, gb.uid) == ("ua", "ub") and ga.step == gb.step == 1
@@ -377,8 +394,9 @@ def test_replayed_groups_written_back_under_their_keys(fake_tq, monkeypatch, cor
             assert tag == {"status": "finished", "global_steps": 1, REPLAYED: True}
             assert s.is_replayed(k)
     assert not s.is_replayed("ue_0_0")
-    assert metrics == {"filter/kept_groups": 2, "replay/size": 2.0, "replay/fresh_groups": 2.0,
-                       "replay/replayed_groups": 2.0, "replay/mean_age": 1.0}
+    assert metrics == {"filter/kept_groups": 2, "replay/size": 2.0, "replay/capacity": 256.0,
+                       "replay/fresh_groups": 2.0, "replay/replayed_groups": 2.0, "replay/mean_age": 1.0,
+                       "replay/max_age": 1.0}
     for k in REPLAYED_KEYS:  # TransferQueue holds the stored rows again (nothing of the stages)
         row = fake_tq.data[P][k]
         assert set(row) == {"prompts", "responses", "response_mask", "rollout_log_probs", "extra_fields"}
@@ -407,11 +425,94 @@ def test_after_old_log_prob_decoupled_weights_and_unchanged_pi_old(fake_tq, monk
     ws = [min(math.exp(o - m), 2.0) for k in REPLAYED_KEYS for o, m in zip(OLD2[k], OLD1[k], strict=True)]
     # by hand: ua_0_0 [e^0.5 -> 1.6487, e^-0.5], ua_1_0 [1, e^1 -> 2 (cap), e^2 -> 2], ub_0_0 [e^-2], ub_1_0 [1, 1]
     assert len(ws) == 8
-    assert metrics == {"replay/is_weight_mean": pytest.approx(sum(ws) / 8, rel=1e-6)}
+    mean = sum(ws) / 8
+    assert metrics == pytest.approx({
+        "replay/is_weight_mean": mean, "replay/is_weight_std": math.sqrt(sum((w - mean) ** 2 for w in ws) / 8),
+        "replay/is_weight_min": math.exp(-2), "replay/is_weight_max": 2.0,
+        "replay/is_weight_ess": sum(ws) ** 2 / (8 * sum(w * w for w in ws)),
+        "replay/truncated_frac": 2 / 8}, rel=1e-6)  # e^1 and e^2 of ua_1_0 capped
     assert metrics["replay/is_weight_mean"] == pytest.approx(
         (math.exp(0.5) + math.exp(-0.5) + 1 + 2 + 2 + math.exp(-2) + 1 + 1) / 8, rel=1e-6)
     for k, v in OLD2.items():  # decoupled: verl's rollout correction does the rest
         assert fake_tq.get(k, "old_log_probs").tolist() == pytest.approx(v), k
+
+
+def _verl_weights(fake, batch, threshold=math.inf):
+    """verl's own decoupled token-level weights (``compute_rollout_correction_and_add_to_batch``
+    of ``_compute_advantage``) over the step's rows as TransferQueue holds them: key -> [T_i]."""
+    from verl.protocol import DataProto
+    from verl.trainer.config.algorithm import RolloutCorrectionConfig
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch
+
+    pad = torch.nn.utils.rnn.pad_sequence
+    lengths = [fake.get(k, "old_log_probs").numel() for k in batch.keys]
+    tensors = {f: pad([fake.get(k, f).float() for k in batch.keys], batch_first=True)
+               for f in ("old_log_probs", "rollout_log_probs")}
+    tensors["response_mask"] = pad([torch.ones(n, dtype=torch.long) for n in lengths], batch_first=True)
+    out, _ = compute_rollout_correction_and_add_to_batch(DataProto.from_dict(tensors=tensors),
+                                                         RolloutCorrectionConfig.decoupled_token_is(threshold=threshold))
+    return {k: out.batch["rollout_is_weights"][i, :n] for i, (k, n) in enumerate(zip(batch.keys, lengths))}
+
+
+@pytest.mark.parametrize("rows", ["replayed", "all"])
+def test_fresh_rows_weight_exactly_one_with_correction_rows_replayed(fake_tq, monkeypatch, rows):
+    """correction_rows=replayed (public code): verl's weights are exactly 1 on every fresh token
+    and pi_old / mu on replayed ones; correction_rows=all: fresh rows get pi_old / pi_rollout
+    (here exp(-0.7 + 0.25) etc.: the agent loop's rollout_log_probs are -0.25 - j)."""
+    s = make_stage(enable=True, correction="decoupled", correction_rows=rows)
+    run_step1(s, fake_tq, monkeypatch)
+    batch, _ = run_step2_sample(s, fake_tq, monkeypatch)
+    fake_tq.write("old_log_probs", OLD2)
+    call(s.after_old_log_prob, batch, step=2)
+    w = _verl_weights(fake_tq, batch)
+    for k in REPLAYED_KEYS:
+        assert w[k].tolist() == pytest.approx([math.exp(o - m) for o, m in zip(OLD2[k], OLD1[k])], rel=1e-6), k
+    for k in STEP2:
+        if rows == "replayed":
+            assert torch.equal(w[k], torch.ones(len(OLD2[k]))), k  # exactly 1, not ~1
+            assert torch.equal(fake_tq.get(k, "rollout_log_probs"), fake_tq.get(k, "old_log_probs"))
+        else:
+            j = int(k.split("_")[1])
+            assert w[k].tolist() == pytest.approx([math.exp(o + 0.25 + j) for o in OLD2[k]], rel=1e-6), k
+            assert w[k].tolist() != [1.0] * len(OLD2[k])
+
+
+def test_fresh_rows_weight_one_also_in_all_fresh_steps(fake_tq, monkeypatch):
+    """verl's rollout correction is on in every step (configure_replay); in a step that replays
+    nothing the fresh rows must still get weight exactly 1."""
+    s = make_stage(enable=True, correction="decoupled")
+    n_fresh = plan(s, 4, step=1)
+    batch, _, _ = run_sample(s, fake_tq, monkeypatch, 1, STEP1, 4, n_fresh)
+    fake_tq.write("old_log_probs", OLD1)
+    assert call(s.after_old_log_prob, batch) == ON_POLICY
+    assert all(torch.equal(v, torch.ones_like(v)) for v in _verl_weights(fake_tq, batch).values())
+
+
+def test_warmup_steps_have_no_replayed_rows(fake_tq, monkeypatch):
+    """replay.warmup_steps=2 (the public code's first round of mu = 2 steps): steps 1 and 2 are
+    all fresh although the buffer holds enough groups after step 1; step 3 replays half."""
+    s = make_stage(enable=True, warmup_steps=2, store_only_mixed=False, capacity=8)
+    fresh_of = {1: STEP1, 2: {**rollout_rows("ue", [9, 9], [1.0, 0.0], [2, 1]),
+                              **rollout_rows("uf", [10], [0.0, 1.0], [1, 1]),
+                              **rollout_rows("ug", [11], [0.0, 1.0], [1, 1]),
+                              **rollout_rows("uh", [12], [0.0, 1.0], [1, 1])},
+                3: STEP2}
+    for step in (1, 2, 3):
+        n_fresh = plan(s, 4, step=step)
+        assert n_fresh == (4 if step <= 2 else 2)
+        batch, metrics, _ = run_sample(s, fake_tq, monkeypatch, step, fresh_of[step], 4, n_fresh)
+        replayed = [k for k in batch.keys if s.is_replayed(k)]
+        fake_tq.write("old_log_probs", {k: [-1.0] * len(fake_tq.get(k, "responses")) for k in batch.keys})
+        weights = call(s.after_old_log_prob, batch, step=step)
+        if step <= 2:
+            assert replayed == [] and metrics["replay/replayed_groups"] == 0.0 and weights == ON_POLICY
+            assert not any(REPLAYED in t for t in batch.tags)
+        else:  # 2 of the 8 stored groups (4 of step 1, 4 of step 2): ages 1 or 2
+            assert len(replayed) == 4 and metrics["replay/replayed_groups"] == 2.0
+            assert 1.0 <= metrics["replay/mean_age"] <= metrics["replay/max_age"] <= 2.0
+        fake_tq.write("advantages", {k: [0.0] * len(fake_tq.get(k, "responses")) for k in batch.keys})
+        call(s.after_update_actor, batch, step=step)
+        assert len(s.buffer) == min(8, 4 * step)
 
 
 def test_after_old_log_prob_decoupled_no_truncation(fake_tq, monkeypatch):
