@@ -62,12 +62,12 @@ def test_eval_yaml_defaults(compose, tmp_path):
 
 @pytest.mark.parametrize("preset", ["minimalist", "paper"])
 def test_minimalist_preset(compose, tmp_path, preset):
-    """The Minimalist paper's Table 1: avg@16, T = 1.0, 4096 tokens, the Qwen harness's prompt and grading."""
+    """The Minimalist paper's Table 1: avg@16, T = 1.0, 4096 tokens, its code's prompt, the Qwen harness's grading."""
     cfg = compose(f"eval={preset}", f"checkpoint={tmp_path}")
     ev.check_config(cfg)
     assert list(cfg.benchmarks) == ["math500", "minerva_math", "olympiadbench"]
     assert (cfg.k, cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.max_problems) == (16, 1.0, 1.0, 4096, None)
-    assert (cfg.template, cfg.grading) == ("qwen_math_cot", "harness")
+    assert (cfg.template, cfg.grading) == ("minimal_rl", "harness")
 
 
 def test_dots_preset(compose, tmp_path):
