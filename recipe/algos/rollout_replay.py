@@ -213,17 +213,21 @@ class RolloutReplayBuffer:
 
     def metrics(self, step: int, n_fresh: int, replayed: Sequence[ReplayGroup]) -> dict[str, float]:
         """``replay/size`` (groups stored), ``replay/capacity`` (C), ``replay/fresh_groups``,
-        ``replay/replayed_groups``, and ``replay/mean_age`` / ``replay/max_age`` (steps since the
-        replayed groups were generated; 0 when none was replayed)."""
-        ages = self.ages(step, replayed)
-        return {
+        ``replay/replayed_groups``, and, when a group was replayed, ``replay/mean_age`` /
+        ``replay/max_age`` (steps since the replayed groups were generated). A step that replays
+        nothing has no age: the keys are left out, so means over a run's logged values cover
+        the replaying steps only."""
+        out = {
             "replay/size": float(len(self)),
             "replay/capacity": float(self.capacity),
             "replay/fresh_groups": float(n_fresh),
             "replay/replayed_groups": float(len(replayed)),
-            "replay/mean_age": float(np.mean(ages)) if ages else 0.0,
-            "replay/max_age": float(max(ages)) if ages else 0.0,
         }
+        ages = self.ages(step, replayed)
+        if ages:
+            out["replay/mean_age"] = float(np.mean(ages))
+            out["replay/max_age"] = float(max(ages))
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """Plain dict (str/int/float/payload only) for ``torch.save``."""

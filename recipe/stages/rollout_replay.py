@@ -205,8 +205,9 @@ class RolloutReplayStage(Stage):
         """Off-policy correction of replayed rows once verl wrote pi_old (``old_log_probs``).
 
         Adds the ``replay/is_weight_*`` and ``replay/truncated_frac`` statistics of
-        w = min(pi_old / mu, c) over replayed response tokens (on-policy values when nothing was
-        replayed; :func:`~recipe.algos.rollout_replay.behaviour_weight_stats`).
+        w = min(pi_old / mu, c) over replayed response tokens
+        (:func:`~recipe.algos.rollout_replay.behaviour_weight_stats`); none when nothing was
+        replayed (no fake on-policy values diluting a run's means).
         """
         metrics.update(self.correct_replayed(batch))
 
@@ -226,8 +227,7 @@ class RolloutReplayStage(Stage):
             self._fresh_weights_one(batch)
         rows = self._replayed_rows(batch)
         if not rows:
-            return {f"replay/{k}": v for k, v in behaviour_weight_stats(
-                torch.zeros(0, 0), torch.zeros(0, 0), torch.zeros(0, 0)).items()}
+            return {}
         keys = [k for k, _ in rows]
         data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=["old_log_probs"])
         pad = torch.nn.utils.rnn.pad_sequence  # rows: pi_old and mu [T_i] of each replayed sample

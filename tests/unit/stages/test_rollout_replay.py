@@ -144,9 +144,8 @@ OLD2 = {
     "ue_0_0": [-0.7, -0.7], "ue_1_0": [-0.9], "uf_0_0": [-0.4], "uf_1_0": [-0.6],
 }
 REPLAYED_KEYS = ["ua_0_0", "ua_1_0", "ub_0_0", "ub_1_0"]
-#: The weight statistics of a step that replays nothing (every weight 1).
-ON_POLICY = {"replay/is_weight_mean": 1.0, "replay/is_weight_std": 0.0, "replay/is_weight_min": 1.0,
-             "replay/is_weight_max": 1.0, "replay/is_weight_ess": 1.0, "replay/truncated_frac": 0.0}
+#: The weight statistics of a step that replays nothing: none (no fake on-policy values).
+ON_POLICY: dict = {}
 
 
 def run_step1(stage, fake, monkeypatch):
@@ -316,7 +315,7 @@ def test_store_fresh_adds_mixed_groups_with_pi_old_as_behaviour(fake_tq, monkeyp
     batch, metrics, stored = run_step1(s, fake_tq, monkeypatch)
     assert batch.keys == list(STEP1) and not any(REPLAYED in t for t in batch.tags)
     assert metrics == {"filter/kept_groups": 4, "replay/size": 0.0, "replay/capacity": 8.0, "replay/fresh_groups": 4.0,
-                       "replay/replayed_groups": 0.0, "replay/mean_age": 0.0, "replay/max_age": 0.0}
+                       "replay/replayed_groups": 0.0}
     assert stored == {"replay/stored": 2, "replay/evicted": 0, "replay/size": 2}
     ga, gb = s.buffer.groups
     assert (ga.uid, gb.uid) == ("ua", "ub") and ga.step == gb.step == 1
