@@ -432,10 +432,13 @@ def dots_reference_size(cfg) -> int:
     """K of every reference round: ``dots.ref_size``, or, when null, :func:`recipe.algos.dots.reference_size`
     of ``dots.reference_ratio``, ``dots.every``, the fresh prompts per step (``data.train_batch_size``,
     times ``replay.fresh_fraction`` rounded half up when replay is on), ``actor_rollout_ref.rollout.n``
-    and ``dots.ref_samples``.
+    and ``dots.ref_samples``, raised (with a warning naming the resulting ratio) to
+    ``dots.holdout_size`` + :data:`DOTS_MIN_FIT` when smaller, so the held-out Pearson always has
+    its questions; the run logs the real cost as ``dots/reference_ratio``.
 
     Raises:
-        ConfigError: K too small for ``dots.holdout_size`` (:func:`check_dots_reference`).
+        ConfigError: an explicit ``dots.ref_size`` too small for ``dots.holdout_size``
+            (:func:`check_dots_reference`).
     """
     from recipe.algos.dots import reference_size
 
@@ -446,9 +449,15 @@ def dots_reference_size(cfg) -> int:
     replay = load_node(cfg, "replay")
     fresh = max(1, int(math.floor(replay.fresh_fraction * batch + 0.5))) if replay.enable else batch
     k = max(2, reference_size(dots.reference_ratio, dots.every, fresh, n, dots.ref_samples))
-    check_dots_reference(k, dots.holdout_size, f"dots.ref_size=null sizes K = ceil(dots.reference_ratio "
-                         f"{dots.reference_ratio} x dots.every {dots.every} x {fresh} fresh prompts per step x "
-                         f"rollout.n {n} / dots.ref_samples {dots.ref_samples}) = {k}")
+    floor = dots.holdout_size + DOTS_MIN_FIT if dots.holdout_size else 2
+    if k < floor:
+        logger.warning(
+            "dots.ref_size=null: K = ceil(dots.reference_ratio %s x dots.every %d x %d fresh prompts per step x "
+            "rollout.n %d / dots.ref_samples %d) = %d is below dots.holdout_size %d + %d; using K = %d, i.e. "
+            "reference rollouts = %.2f x the fresh ones (see dots/reference_ratio); a larger batch restores the ratio",
+            dots.reference_ratio, dots.every, fresh, n, dots.ref_samples, k, dots.holdout_size, DOTS_MIN_FIT, floor,
+            floor * dots.ref_samples / (dots.every * fresh * n))
+        k = floor
     return k
 
 
@@ -731,7 +740,7 @@ def check_config(cfg) -> None:
             f"(trainer.v1.sampler.custom_sampler.path={custom}); use group_filter.mode=refill instead"
         )
     if load_node(cfg, "dots").enable:
-        dots_reference_size(cfg)  # K large enough for the held-out Pearson
+        dots_reference_size(cfg)  # warns when the batch is too small for reference_ratio and the holdout
     if cfg.algorithm.adv_estimator == "grpo" and rollout.n < 2:
         raise ConfigError(
             "algorithm.adv_estimator=grpo needs groups: set actor_rollout_ref.rollout.n >= 2 "
