@@ -11,8 +11,8 @@
 # its own NodeName, address (10.213.0.11, .12), hostname, spool dir and log
 # (slurmd-recipe-nN.log); slurmctld, slurmdbd and MariaDB stay in the root namespace and the
 # nodes reach slurmctld on the bridge (10.213.0.1). Each node gets the machine's CPUs and half
-# its memory. SlurmdTimeout is short (20 s), so a killed node is marked down quickly. `stop`
-# leaves the namespaces up (scripts/netns.sh down removes them).
+# its memory. SlurmdTimeout is 120 s (Slurm's default: 300 s). `stop` leaves the namespaces
+# up (scripts/netns.sh down removes them).
 #
 # Daemons: munged (private socket and key), MariaDB (127.0.0.1 only, data in the state dir),
 # slurmdbd (accounting, so that `sacct` works: without it submitit waits forever on a job
@@ -196,7 +196,11 @@ write_configs() {
     nodes_conf="NodeName=${NETNS_NODES[0]} NodeAddr=${NETNS_ADDRS[0]} CPUs=$cpus $topo RealMemory=$mem State=UNKNOWN
 NodeName=${NETNS_NODES[1]} NodeAddr=${NETNS_ADDRS[1]} CPUs=$cpus $topo RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=${NETNS_NODES[0]},${NETNS_NODES[1]} Default=YES MaxTime=INFINITE State=UP"
-    extra="SlurmdTimeout=20
+    # a dead node is marked down after SlurmdTimeout; Slurm's default is 300 s. Kept above the
+    # time Ray needs to notice a lost node (~35 s measured) so that, as on a real cluster, the
+    # head's trainer fails first and the launcher gets its error; with 20 s Slurm cancelled
+    # and requeued the job first (NODE_FAIL), and the launcher waited for the rerun
+    extra="SlurmdTimeout=120
 MessageTimeout=5"
   else
     nodes_conf="NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus $topo RealMemory=$mem State=UNKNOWN

@@ -2,7 +2,7 @@
 
 The session fixture brings up recipe-n1 (10.213.0.11) and recipe-n2 (10.213.0.12) on the
 bridge recipe-br0 and removes them afterwards (what still runs in them is stopped by
-``scripts/netns.sh down``). Without root / CAP_NET_ADMIN, or where ``ip netns add`` is
+``scripts/netns.sh down``), unless they were up before (they are then left as found). Without root / CAP_NET_ADMIN, or where ``ip netns add`` is
 refused, every test here is skipped with the script's reason (its exit status 3).
 
 They take ~15 min on 2 cores, too long for CI's budget: a plain ``./test.sh`` (CI) skips
@@ -51,6 +51,7 @@ def two_nodes() -> list[tuple[str, str]]:
     """``[("recipe-n1", "10.213.0.11"), ("recipe-n2", "10.213.0.12")]``, up for the session."""
     if os.geteuid() != 0:
         pytest.skip("network namespaces unavailable: needs root (scripts/netns.sh: ip netns add, veth, bridge)")
+    had_netns = netns("status").returncode == 0  # someone else's (e.g. a running two-node Slurm): kept
     t = time.monotonic()
     proc = netns("up")
     if proc.returncode == UNAVAILABLE:
@@ -61,5 +62,6 @@ def two_nodes() -> list[tuple[str, str]]:
     try:
         yield nodes
     finally:
-        proc = netns("down")
-        assert proc.returncode == 0, f"scripts/netns.sh down failed:\n{proc.stderr}"
+        if not had_netns:
+            proc = netns("down")
+            assert proc.returncode == 0, f"scripts/netns.sh down failed:\n{proc.stderr}"
