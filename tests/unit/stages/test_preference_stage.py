@@ -83,15 +83,6 @@ class FakeWG:
         self.events.append(("load", folder))
         return ["beef", "beef"]
 
-    def recipe_reference_save(self, folder):
-        self.events.append(("save_ref", folder))
-        return ["cafe", "cafe"]
-
-    def recipe_reference_load(self, folder):
-        self.events.append(("load_ref", folder))
-        return [self.reference_file, self.reference_file]
-
-    reference_file = "cafe"  # fingerprint recipe_reference_load answers (None: no file)
 
 
 @pytest.fixture
