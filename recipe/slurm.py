@@ -686,10 +686,13 @@ def ray_cluster_for_allocation(cfg: DictConfig, env: Mapping[str, str] | None = 
         # say why before stopping Ray: a driver still attached to a stopped cluster can be
         # aborted by Ray before Python prints the traceback
         logger.exception("stopping the Ray cluster after an error")
-        # a Ray error (an actor or worker died) may mean a lost node: give the GCS time to
-        # mark it dead; other errors (config, data) are not waited on
-        lost = _lost_nodes(address, {socket.gethostbyname(h): h for h in alloc.hostnames},
-                           settle_s=LOST_NODE_SETTLE_S if _is_ray_error(e) else 0.0)
+        # a Ray error (an actor or worker died) may mean a lost node: ask the GCS, giving it
+        # time to mark the node dead; not for other errors (config, data), nor when the GCS is
+        # gone (ray.init would wait on it: a head hung so after its raylet crashed)
+        lost = []
+        if _is_ray_error(e) and _port_open(head_ip, port):
+            lost = _lost_nodes(address, {socket.gethostbyname(h): h for h in alloc.hostnames},
+                               settle_s=LOST_NODE_SETTLE_S)
         if lost:
             logger.error("Ray node(s) lost during the run: %s", ", ".join(lost))
             print(f"[recipe] error: Ray node(s) lost during the run: {', '.join(lost)}", file=sys.stderr, flush=True)

@@ -212,7 +212,6 @@ def test_lorr_dpo_on_two_nodes_resets_and_resumes(two_nodes, artifacts, logs):
     assert s1["dpo/reference_refreshed"] == 1 and s1["dpo/fresh_rollouts"] == 4 * 4
     assert s1["lorr/reset_delta_norm"] > 0 and s1["actor/grad_norm"] > 0
     assert abs(s1["dpo/reward_margin_last_pass"]) > 0  # epoch 2 sees a policy moved away from the reference
-    check_split_over_two_ranks(s1)
     # iteration 2: iteration 1's pairs again, no rollouts, reference synced again, reset again
     assert (s2["lorr/iteration"], s2["lorr/resets"], s2["lorr/reused_initial"]) == (2, 2, 1)
     assert s2["dpo/fresh_rollouts"] == 0 and s2["dpo/iteration_pairs"] == s1["dpo/iteration_pairs"]

@@ -313,9 +313,8 @@ def test_head_stops_ray_when_training_fails(monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         with ray_cluster_for_allocation(_trainer_cfg(nnodes=2), env={**ENV2, "SLURM_NODEID": "0"}):
             raise RuntimeError("boom")
-    # not a Ray error: no wait for a lost node
-    assert rec.calls[-3:] == [("lost?", "10.0.0.7:6379", {"10.0.0.7": "gpu07", "10.0.0.8": "gpu08"}, 0.0),
-                              ("stop", "proc"), ("forget", 6379)]
+    # not a Ray error: the GCS is not asked for lost nodes
+    assert rec.calls[-2:] == [("stop", "proc"), ("forget", 6379)] and not [c for c in rec.calls if c[0] == "lost?"]
 
 
 def test_head_names_a_lost_node_when_training_fails(monkeypatch, capsys):
@@ -323,12 +322,20 @@ def test_head_names_a_lost_node_when_training_fails(monkeypatch, capsys):
     from ray.exceptions import ActorDiedError
 
     rec.lost = ["10.0.0.8 (gpu08)"]
+    monkeypatch.setattr(slurm, "_port_open", lambda host, port, timeout=2.0: (host, port) == ("10.0.0.7", 6379))
     with pytest.raises(ActorDiedError):
         with ray_cluster_for_allocation(_trainer_cfg(nnodes=2), env={**ENV2, "SLURM_NODEID": "0"}):
             raise ActorDiedError()
     # a Ray error: the GCS gets time to mark the lost node dead
     assert rec.calls[-3][3] == slurm.LOST_NODE_SETTLE_S
     assert "[recipe] error: Ray node(s) lost during the run: 10.0.0.8 (gpu08)" in capsys.readouterr().err
+    # the head's GCS is gone: not asked (ray.init would wait on it)
+    monkeypatch.setattr(slurm, "_port_open", lambda host, port, timeout=2.0: False)
+    n = len(rec.calls)
+    with pytest.raises(ActorDiedError):
+        with ray_cluster_for_allocation(_trainer_cfg(nnodes=2), env={**ENV2, "SLURM_NODEID": "0"}):
+            raise ActorDiedError()
+    assert not [c for c in rec.calls[n:] if c[0] == "lost?"]
 
 
 def test_worker_joins_and_does_not_train(monkeypatch):
