@@ -341,7 +341,9 @@ def behaviour_weight_stats(old_log_prob: torch.Tensor, behaviour_log_prob: torch
     Raises:
         ValueError: shapes differ or c < 1.
     """
-    w = behaviour_weights(old_log_prob, behaviour_log_prob, response_mask, truncation).to(torch.float64)
+    # in float64: verl's CPU actor returns bf16 log-probs, whose exp in bf16 would round w again
+    old_log_prob, behaviour_log_prob = old_log_prob.to(torch.float64), behaviour_log_prob.to(torch.float64)
+    w = behaviour_weights(old_log_prob, behaviour_log_prob, response_mask, truncation)
     mask = response_mask.bool()
     n = int(mask.sum())
     if n == 0:
