@@ -12,14 +12,20 @@ GRPO starts with an effective ratio well below 0.5 (measured: 14 % of the groups
 correct, 56 % all wrong, effective ratio 0.30 with 8 samples at T = 1) and the question
 text carries its difficulty (operation, operand lengths), as the paper's regime needs.
 
-**Regime** (:data:`REGIME_OVERRIDES`, the paper's ratios at CPU scale): B = 16 groups per
-step of G = 8 responses (paper: 512 x 8); GRPO generates all 16 fresh, GRPO + RR 8 fresh
-(delta = 0.5) plus 8 replayed from a buffer of C = 2 x 8 = 16 groups (paper: 256 fresh, C
+**Regime** (:data:`REGIME_OVERRIDES`, the paper's ratios at CPU scale): B = 72 groups per
+step of G = 8 responses (paper: 512 x 8); GRPO generates all 72 fresh, GRPO + RR 36 fresh
+(delta = 0.5) plus 36 replayed from a buffer of C = 2 x 36 = 72 groups (paper: 256 fresh, C
 256-512), the first mu = 2 steps all fresh; 8 optimiser steps per training step (mini-batch
-B / 8, paper 512 / 64); DOTS re-selects every mu = 2 steps with reference rollouts of about
-half the fresh rollouts (paper's ratio) and, where ``--adapter`` is given, a difficulty
-adapter trained offline on other policies' rollouts (``benchmarks/dots_adapter.py``; without
-one DOTS uses its identity projection, which the review found no better than random).
+B / 8 = 9 prompts, paper 512 / 64); DOTS re-selects every mu = 2 steps from K = 36 reference
+questions x 8 rollouts, half the 2 x 36 x 8 fresh rollouts of a round (the paper's ratio:
+256 x 8 per 2 x 256 x 8), predicting with a difficulty adapter trained offline, as the paper
+does, on rollouts of other policies of the task (``--adapter auto``: two other SFT
+checkpoints, :mod:`benchmarks.dots_adapter`; measured held-out Pearson on the warm start, a
+policy it never saw: 0.74 with 256 references, 0.69 ± 0.04 with 36; ``--adapter none``: the
+identity projection). B = 72 is the smallest batch at which the paper's reference ratio
+gives K >= 32: with 16 of the 36 held out per round (each predicted from the other 20) the
+per-round Pearson has 16 points and the pooled one 16 x rounds; holding out 32 would leave 4
+references to predict from, a diagnostic far more pessimistic than the method it measures.
 lr 1e-4 (the tiny model's measured scale; paper 1e-6 for 1.5B), T = 1 (the warm start's;
 paper T = 0.6, top-p 0.95), no KL, no entropy term, clip 0.2.
 
@@ -68,17 +74,21 @@ COLORS = {"grpo": "tab:blue", "grpo_dots_rr": "tab:red", "replay_only": "tab:gre
 
 #: The paper's batch ratios at CPU scale (module docstring).
 REGIME_OVERRIDES: tuple[str, ...] = (
-    "data.train_batch_size=16",
+    "data.train_batch_size=72",
     "actor_rollout_ref.rollout.n=8",
-    "actor_rollout_ref.actor.ppo_mini_batch_size=2",
-    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16",
-    "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=16",
-    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16",
+    "actor_rollout_ref.actor.ppo_mini_batch_size=9",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=24",
+    "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=24",
+    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=24",
     "actor_rollout_ref.actor.optim.lr=1e-4",
     "replay.fresh_fraction=0.5",
     "replay.capacity_ratio=2.0",
     "replay.warmup_steps=2",
     "dots.every=2",
+    "dots.ref_size=null",
+    "dots.reference_ratio=0.5",
+    "dots.ref_samples=8",
+    "dots.holdout_size=16",
 )
 #: Validation sampled at the RL temperature, 2 samples per question.
 VAL_OVERRIDES: tuple[str, ...] = (
@@ -269,8 +279,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                    help=f"runs per seed ({BASELINE} is always run: it sets the target)")
     p.add_argument("--task", default="spread", help="named task of benchmarks/learning_setup.py")
-    p.add_argument("--adapter", help="DOTS adapter file (benchmarks/dots_adapter.py); default: none")
-    p.add_argument("--adapter-key", default="dots.adapter_path", help="config key the adapter file goes to")
+    p.add_argument("--adapter", default="auto",
+                   help="DOTS difficulty adapter: 'auto' (default: benchmarks/dots_adapter.py's, trained offline "
+                        "on 2 other policies of the task, built or reused), 'none' (identity projection) or a file "
+                        "(with --encoder)")
+    p.add_argument("--encoder", help="embedding model of an adapter file (default: the task's warm start)")
     p.add_argument("--out", default=str(REPO / "artifacts" / "bench" / "data_efficiency"))
     p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run")
@@ -288,10 +301,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--task {args.task!r}: not one of {sorted(TASKS)}")
     setup = build_setup(TASKS[args.task])
     overrides = [*verl_overrides(setup), *REGIME_OVERRIDES, *VAL_OVERRIDES]
-    if args.adapter:
-        if not Path(args.adapter).exists():
+    if args.adapter == "auto":
+        from benchmarks.dots_adapter import TRAIN_POLICIES, AdapterBenchConfig, build_adapter, dots_overrides
+
+        adapter = build_adapter(setup, AdapterBenchConfig(train_policies=TRAIN_POLICIES[:2]))
+        overrides += dots_overrides(adapter)
+    elif args.adapter != "none":
+        if not Path(args.adapter).is_file():
             raise SystemExit(f"--adapter {args.adapter}: no such file")
-        overrides.append(f"{args.adapter_key}={Path(args.adapter).resolve()}")
+        overrides += [f"dots.adapter={Path(args.adapter).resolve()}",
+                      f"dots.encoder={Path(args.encoder or setup.warm_model).resolve()}"]
     overrides += args.override
     variants = [BASELINE] + [v for v in args.variants if v != BASELINE]
     out = Path(args.out)
