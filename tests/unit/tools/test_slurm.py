@@ -427,12 +427,6 @@ def test_launcher_presets_compose_to_sbatch(compose, name, expected, absent, mon
     for flag in absent:
         assert not any(line.startswith(f"#SBATCH {flag}") for line in lines), (flag, script)
     assert "export PYTHONUNBUFFERED=1" in lines
-    # multi-node: a failed head's task ends the whole step (srun -K), before the srun line
-    if name == "slurm_multinode":
-        srun = next(i for i, line in enumerate(lines) if line.startswith("srun "))
-        assert "export SLURM_KILL_BAD_EXIT=1" in lines[:srun], script
-    else:
-        assert "export SLURM_KILL_BAD_EXIT=1" not in lines
 
 
 @pytest.mark.parametrize("name", LAUNCHERS)
