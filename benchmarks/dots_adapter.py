@@ -301,13 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redo", action="store_true", help="redo policies, rollouts and adapter")
     args, rest = p.parse_known_args(argv)
     sargs = ls._parser().parse_args(rest)
-    import dataclasses
-
-    base, kwargs = ls.TASKS[sargs.task], {}
-    for f in dataclasses.fields(ls.LearningSetupConfig):
-        value = getattr(sargs, f.name)
-        kwargs[f.name] = getattr(base, f.name) if value is None else (tuple(value) if f.name == "ops" else value)
-    setup = ls.build_setup(ls.LearningSetupConfig(**kwargs), sargs.out, force=sargs.force)
+    setup = ls.build_setup(ls.config_from_args(sargs), sargs.out, force=sargs.force)
     cfg = AdapterBenchConfig(train_policies=TRAIN_POLICIES[:args.policies], samples=args.samples,
                              temperature=args.rollout_temperature, holdout_questions=args.holdout_questions,
                              epochs=args.epochs, hidden=args.hidden, seed=args.adapter_seed, encoder=args.encoder)

@@ -477,15 +477,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: build (or reuse) the setup, print its paths, accuracies and overrides."""
-    args = _parser().parse_args(argv)
-    base = TASKS[args.task]
-    kwargs = {}
+def config_from_args(args: argparse.Namespace) -> LearningSetupConfig:
+    """The settings parsed by :func:`_parser`: the named task's, with the flags given replacing them."""
+    base, kwargs = TASKS[args.task], {}
     for f in dataclasses.fields(LearningSetupConfig):
         value = getattr(args, f.name)
         kwargs[f.name] = getattr(base, f.name) if value is None else (tuple(value) if f.name == "ops" else value)
-    setup = build_setup(LearningSetupConfig(**kwargs), args.out, force=args.force)
+    return LearningSetupConfig(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: build (or reuse) the setup, print its paths, accuracies and overrides."""
+    args = _parser().parse_args(argv)
+    setup = build_setup(config_from_args(args), args.out, force=args.force)
     print(json.dumps({"root": str(setup.root), "test_accuracy": setup.info["test_accuracy"],
                       "sft_steps": setup.info["sft"]["steps"], "timings_s": setup.info["timings_s"],
                       "group_profile": {k: v for k, v in setup.info.get("group_profile", {}).items() if k != "by_class"}},

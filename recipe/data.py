@@ -276,16 +276,21 @@ def _gsm8k_answer(row: Mapping[str, Any]) -> str:
     return gt
 
 
-def _answer_or_boxed(row: Mapping[str, Any]) -> str:
-    gt = _text(row.get("answer"))
-    if gt is not None:
-        return gt
+def _boxed_from_solution(row: Mapping[str, Any]) -> str:
+    """The last ``\\boxed{}`` of ``row["solution"]`` (skips the row when there is none)."""
     if _text(row.get("solution")) is None:
         raise _SkipRow("missing_answer")
     boxed = last_boxed(row["solution"])
     if not boxed:
         raise _SkipRow("no_boxed_answer")
     return boxed
+
+
+def _answer_or_boxed(row: Mapping[str, Any]) -> str:
+    gt = _text(row.get("answer"))
+    if gt is not None:
+        return gt
+    return _boxed_from_solution(row)
 
 
 def _math500_answer(row: Mapping[str, Any]) -> str:
@@ -555,12 +560,7 @@ def _any_answer(row: Mapping[str, Any]) -> str:
         gt = answer_value(row.get(key))
         if gt is not None:
             return gt
-    if _text(row.get("solution")) is None:
-        raise _SkipRow("missing_answer")
-    boxed = last_boxed(row["solution"])
-    if not boxed:
-        raise _SkipRow("no_boxed_answer")
-    return boxed
+    return _boxed_from_solution(row)
 
 
 def orz_row(row: Any) -> Mapping[str, Any] | None:
