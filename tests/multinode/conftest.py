@@ -5,7 +5,7 @@ bridge recipe-br0 and removes them afterwards (what still runs in them is stoppe
 ``scripts/netns.sh down``), unless they were up before (they are then left as found). Without root / CAP_NET_ADMIN, or where ``ip netns add`` is
 refused, every test here is skipped with the script's reason (its exit status 3).
 
-They take ~15 min on 2 cores, too long for CI's budget: a plain ``./test.sh`` (CI) skips
+They took ~25 min on 2 loaded cores (3 tests, 6 jobs), too long for CI's budget: a plain ``./test.sh`` (CI) skips
 them; they run when named (``./test.sh tests/multinode``) or with ``RECIPE_MULTINODE=1``.
 """
 
@@ -33,7 +33,7 @@ def multinode_selected(config: pytest.Config, marker: str) -> bool:
 def pytest_collection_modifyitems(config, items):
     if multinode_selected(config, "multinode"):
         return
-    skip = pytest.mark.skip(reason="two-node runs (~15 min): run them with ./test.sh tests/multinode "
+    skip = pytest.mark.skip(reason="two-node runs (~15-25 min on 2 cores): run them with ./test.sh tests/multinode "
                                    "or RECIPE_MULTINODE=1")
     for item in items:
         if "tests/multinode/" in str(item.fspath):

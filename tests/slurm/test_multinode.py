@@ -66,7 +66,7 @@ def _netns_up() -> bool:
 def slurm2(request):
     """A running two-node Slurm for the module: the environment to submit with."""
     if os.environ.get("RECIPE_MULTINODE") != "1" and not any("test_multinode" in str(a) for a in request.config.args):
-        pytest.skip("two-node Slurm jobs (~10 min): run them with ./test.sh tests/slurm/test_multinode.py "
+        pytest.skip("two-node Slurm jobs (~20 min on 2 cores): run them with ./test.sh tests/slurm/test_multinode.py "
                     "or RECIPE_MULTINODE=1")
     reason = unavailable_reason()
     if reason:
