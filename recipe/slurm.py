@@ -610,6 +610,29 @@ def _set_ray_init(cfg: DictConfig, **values) -> None:
             OmegaConf.update(cfg, f"ray_kwargs.ray_init.{key}", value, force_add=True)
 
 
+def _cancel_job_after_lost_node(job_id: str | None, env: Mapping[str, str]) -> bool:
+    """``scancel`` the job whose Ray cluster lost a node, so that it ends as failed.
+
+    Without it the job does not end: the launcher waits for every task, the lost node's
+    task only ends when Slurm declares the node dead (``SlurmdTimeout``), and Slurm then
+    requeues the job after NODE_FAIL. Cancelled, the job's state is CANCELLED and the
+    launcher reports the job failed at once; the log already names the lost node. Skipped
+    with ``RECIPE_SLURM_CANCEL_ON_LOST_NODE=0`` (e.g. to let Slurm requeue and resume).
+
+    Returns:
+        Whether ``scancel`` was called and exited 0.
+    """
+    if not job_id or env.get("RECIPE_SLURM_CANCEL_ON_LOST_NODE", "1") == "0":
+        return False
+    print(f"[recipe] cancelling Slurm job {job_id}: a node was lost, so the job cannot finish "
+          "(RECIPE_SLURM_CANCEL_ON_LOST_NODE=0 keeps it for Slurm to requeue)", file=sys.stderr, flush=True)
+    try:
+        return subprocess.run(["scancel", str(job_id)], timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired) as e:
+        logger.error("scancel %s failed: %s", job_id, e)
+        return False
+
+
 @contextlib.contextmanager
 def ray_cluster_for_allocation(cfg: DictConfig, env: Mapping[str, str] | None = None) -> Iterator[NodeRole]:
     """Turn a multi-node Slurm allocation into one Ray cluster; tell the caller whether to train.
@@ -635,6 +658,8 @@ def ray_cluster_for_allocation(cfg: DictConfig, env: Mapping[str, str] | None = 
       node's record of the stopped cluster.
     - Other nodes: read the token, ``ray start --address=<head> --block`` until the head's port has been
       closed for ~15 s, then stop this node's Ray and yield role ``worker`` (train False).
+    - When training fails with a Ray error and the head's GCS reports lost nodes, the head
+      names them and cancels the job (:func:`_cancel_job_after_lost_node`).
 
     Raises:
         SlurmConfigError: ``trainer.nnodes`` differs from the allocation, or more than
@@ -696,6 +721,7 @@ def ray_cluster_for_allocation(cfg: DictConfig, env: Mapping[str, str] | None = 
         if lost:
             logger.error("Ray node(s) lost during the run: %s", ", ".join(lost))
             print(f"[recipe] error: Ray node(s) lost during the run: {', '.join(lost)}", file=sys.stderr, flush=True)
+            _cancel_job_after_lost_node(alloc.job_id, env)
         raise
     finally:
         _stop_ray_node(proc)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -322,13 +323,24 @@ def test_head_names_a_lost_node_when_training_fails(monkeypatch, capsys):
     from ray.exceptions import ActorDiedError
 
     rec.lost = ["10.0.0.8 (gpu08)"]
+    cancels = []
+    monkeypatch.setattr(slurm.subprocess, "run", lambda cmd, timeout: cancels.append(cmd) or
+                        subprocess.CompletedProcess(cmd, 0))
     monkeypatch.setattr(slurm, "_port_open", lambda host, port, timeout=2.0: (host, port) == ("10.0.0.7", 6379))
     with pytest.raises(ActorDiedError):
         with ray_cluster_for_allocation(_trainer_cfg(nnodes=2), env={**ENV2, "SLURM_NODEID": "0"}):
             raise ActorDiedError()
     # a Ray error: the GCS gets time to mark the lost node dead
     assert rec.calls[-3][3] == slurm.LOST_NODE_SETTLE_S
-    assert "[recipe] error: Ray node(s) lost during the run: 10.0.0.8 (gpu08)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "[recipe] error: Ray node(s) lost during the run: 10.0.0.8 (gpu08)" in err
+    # ... and cancels the job, so that the launcher reports it failed instead of waiting
+    assert cancels == [["scancel", "42"]] and "cancelling Slurm job 42" in err
+    with pytest.raises(ActorDiedError):
+        with ray_cluster_for_allocation(_trainer_cfg(nnodes=2), env={**ENV2, "SLURM_NODEID": "0",
+                                                                      "RECIPE_SLURM_CANCEL_ON_LOST_NODE": "0"}):
+            raise ActorDiedError()
+    assert len(cancels) == 1  # opted out: left for Slurm to requeue
     # the head's GCS is gone: not asked (ray.init would wait on it)
     monkeypatch.setattr(slurm, "_port_open", lambda host, port, timeout=2.0: False)
     n = len(rec.calls)
