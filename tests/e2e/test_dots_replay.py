@@ -100,7 +100,9 @@ def test_grpo_dots_rr_rounds_replay_and_resume(artifacts):
                                         "is_weight_ess", "truncated_frac")}
     assert 0 < w["is_weight_min"] <= w["is_weight_mean"] <= w["is_weight_max"] < math.inf, w
     assert w["is_weight_std"] > 0 and 0 < w["is_weight_ess"] < 1 and w["truncated_frac"] == 0.0, w
-    assert s3["rollout_corr/rollout_is_max"] >= w["is_weight_max"]  # verl's weights include the replayed ones
+    # verl's weights include the replayed ones; verl computes them from the bf16 log-probs of
+    # the CPU actor, ours in float64 from the same values: equal up to one bf16 rounding (2^-8)
+    assert s3["rollout_corr/rollout_is_max"] >= w["is_weight_max"] * (1 - 2**-7)
     assert math.isfinite(s3["actor/pg_loss"]) and s3["global_seqlen/mean"] * RANKS == s3["perf/total_num_tokens"]
     assert s3["dots/rounds"] == 2  # restored round counter + the round due at step 3
     rounds = [json.loads(line) for line in (run_dir / "dots_rounds.jsonl").read_text().splitlines()]
