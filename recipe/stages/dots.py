@@ -408,12 +408,18 @@ class DotsStage(Stage):
         self._served_difficulty.extend(self.pred[idx].tolist())
         return collate_rows(h.dataset, idx.tolist())
 
-    def metrics(self, h: Handles, batch, metrics: dict) -> None:
-        """Counts the step's fresh training rollouts (replayed and padding rows left out), then
-        :meth:`step_metrics`."""
+    def after_update_actor(self, h: Handles, batch, metrics: dict) -> None:
+        """Counts the step's fresh training rollouts (replayed and padding rows left out).
+
+        Here, not in :meth:`metrics`: verl saves the step's checkpoint between the two, and
+        the count must be in it (a resumed run's ``dots/reference_ratio`` equals the
+        uninterrupted run's)."""
         tags = getattr(batch, "tags", None)
         if tags is not None:
             self.fresh_rollouts += len(real_indices(list(tags), fresh_only=True))
+
+    def metrics(self, h: Handles, batch, metrics: dict) -> None:
+        """:meth:`step_metrics` (the fresh rollouts were counted in :meth:`after_update_actor`)."""
         metrics.update(self.step_metrics())
 
     def step_metrics(self) -> dict[str, float]:

@@ -250,7 +250,11 @@ def test_hooks_plan_next_prompts_and_metrics(monkeypatch):
     metrics = {"other/x": 1.0}
     # the step's rows: 6 fresh prompts x 2 responses, a replayed group and a padding row
     tags = [{}] * 12 + [{"replayed": True}] * 2 + [{"is_padding": True}]
-    stage.metrics(env.h, SimpleNamespace(tags=tags), metrics)
+    batch = SimpleNamespace(tags=tags)
+    stage.after_update_actor(env.h, batch, metrics)  # counted before verl saves the checkpoint
+    assert stage.state_dict()["fresh_rollouts"] == 12
+    stage.metrics(env.h, batch, metrics)
+    assert stage.fresh_rollouts == 12  # not counted twice
     assert metrics["other/x"] == 1.0
     assert metrics["dots/selected_mean_difficulty"] == pytest.approx(float(np.mean(stage.pred[served])))
     assert metrics["dots/reference_ratio"] == pytest.approx(20 * G / 12)  # one round of K x G / 12 fresh rollouts
