@@ -227,7 +227,6 @@ def bench_model(
     for r in rows:
         r["tok_s"] = r["tokens"] / r["seconds"]
         r["ratio"] = r["tok_s"] / base
-    del model, server, generator
     return rows
 
 
