@@ -47,10 +47,19 @@ def artifacts(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("artifacts_repro")
 
 
+#: each response generated alone: the ``hf`` server batches the requests that arrive within
+#: ``batch_wait_ms`` of each other, so on a loaded machine two runs can batch the same
+#: requests differently, and a batch's left padding and size change the float32 rounding of
+#: the recorded rollout log-probs (~1e-6 relative: CI once saw ``rollout_corr/chi2_seq``
+#: 0.0316646 vs 0.0316653 at step 2 of reinforce_rej). One request per batch makes them
+#: independent of timing; the README's reproducibility section documents the same setting.
+BATCH_INVARIANT = "actor_rollout_ref.rollout.max_num_seqs=1"
+
+
 def _command(name: str, recipe: str) -> list[str]:
     return [str(ROOT / "run.sh"), f"recipe={recipe}", f"trainer.experiment_name={name}",
             "trainer.total_training_steps=4", "trainer.save_freq=2", "trainer.test_freq=-1",
-            f"reward.custom_reward_function.path={PARITY_REWARD}", *RECIPES[recipe]]
+            f"reward.custom_reward_function.path={PARITY_REWARD}", BATCH_INVARIANT, *RECIPES[recipe]]
 
 
 def _env(artifacts: Path) -> dict:
