@@ -121,7 +121,8 @@ def recipe_command(
         name: Recipe config name (``conf/recipe/<name>.yaml``).
         overrides: Extra Hydra overrides.
         run_dir: ``trainer.default_local_dir`` (``metrics.jsonl`` goes there).
-        steps: ``trainer.total_training_steps`` (>= 1).
+        steps: ``trainer.total_training_steps`` (>= 1); ``trainer.total_epochs`` is set to
+            the same number so that the data never ends a run early.
         test_freq: ``trainer.test_freq`` (>= 1; verl also validates at the last step).
         seed: The run's seed.
         python: Interpreter.
@@ -137,7 +138,10 @@ def recipe_command(
     return [
         python, "-m", "recipe.main", f"recipe={name}",
         f"trainer.experiment_name={run_dir.name}", f"trainer.default_local_dir={run_dir}",
-        f"trainer.total_training_steps={steps}", f"trainer.test_freq={test_freq}",
+        # total_epochs = steps: the step count, not the data, ends the run (the CPU
+        # config's total_epochs=1 stopped a 30-step run of 72-prompt batches over 1000
+        # prompts after 13 steps; an epoch has at least one step, so this never binds)
+        f"trainer.total_training_steps={steps}", f"trainer.total_epochs={steps}", f"trainer.test_freq={test_freq}",
         "trainer.save_freq=-1", "trainer.val_before_train=true", "trainer.resume_mode=disable",
         f"seed={seed}",
         *overrides,

@@ -84,7 +84,7 @@ def test_recipe_command_orders_run_keys_before_overrides(tmp_path):
     assert cmd[:4] == ["py", "-m", "recipe.main", "recipe=raft_pp"]
     assert "trainer.experiment_name=raft_pp_s3" in cmd
     assert f"trainer.default_local_dir={tmp_path / 'raft_pp_s3'}" in cmd
-    for key in ("trainer.total_training_steps=20", "trainer.save_freq=-1", "trainer.val_before_train=true",
+    for key in ("trainer.total_training_steps=20", "trainer.total_epochs=20", "trainer.save_freq=-1", "trainer.val_before_train=true",
                 "trainer.resume_mode=disable", "seed=3"):
         assert key in cmd
     # the caller's overrides come last (Hydra: last value wins)
