@@ -1,8 +1,9 @@
 """CPU learning benchmark: every recipe trained side by side on a task a tiny model learns
 in minutes, with equal rollout budgets, over one or more seeds; checks the papers' findings.
 
-    python benchmarks/learning.py                                   # defaults: ~26 min on 2 cores
-    python benchmarks/learning.py --seeds 0 1 --steps 30 --val-samples 4  # the seed spread too (~105 min)
+    python benchmarks/learning.py                                   # full: 3 seeds x 6 recipes, ~60 min on 2 cores
+    python benchmarks/learning.py --quick                           # smoke check: seed 0, 8 steps, ~16 min
+    python benchmarks/learning.py --recipes grpo iterative_dpo lorr_dpo --seeds 0  # the DPO recipes too
     python benchmarks/learning.py --recipes grpo raft raft_pp --dry-run  # runs and cost estimate only
     python benchmarks/learning.py --recipes grpo raft --seeds 0 --steps 3 --test-freq 3 --out /tmp/lb_smoke
 
@@ -19,8 +20,10 @@ x the recipe's ``n`` (16 x 4; PPO, n = 1 as in the Minimalist paper: 64 x 1), fo
 same number of steps; one optimiser step per training step (mini-batch = the whole
 batch). Only the learning-rate scale differs from the papers (tiny model: 1e-4, not
 1e-6); PPO's critic keeps the paper's critic/actor ratio of 10 (lr 1e-3). Default
-recipes: raft, raft_pp, reinforce, reinforce_rej, grpo, ppo, plus iterative_dpo and
-lorr_dpo when their configs exist (``grpo_dots_rr`` is ``benchmarks/data_efficiency.py``'s).
+recipes: raft, raft_pp, reinforce, reinforce_rej, grpo, ppo (the Minimalist paper's
+Table 1). iterative_dpo and lorr_dpo run on request (``--recipes``), one DPO update per
+step; ``benchmarks/lorr.py`` compares them in LoRR's regime, and ``grpo_dots_rr`` is
+``benchmarks/data_efficiency.py``'s.
 
 **Validation**: the 200 test prompts, each sampled ``--val-samples`` times (default 2) at
 T = 1 (``val_kwargs.do_sample=true, temperature=1.0``): accuracy = avg@k, as
@@ -51,18 +54,17 @@ noise)*; the spread is the larger of the standard deviation of the per-seed diff
 and twice the standard error of one difference from measurement noise (validation
 sampling; the step-to-step noise of the entropy), see :func:`evaluate_claim`.
 
-**Defaults and cost** (2 cores, measured; :data:`COST_STARTUP_S` ...): a run costs 66-75 s
+**Settings and cost** (2 cores, measured; :data:`COST_STARTUP_S` ...): a run costs 66-75 s
 of start-up and shut-down (Ray, workers, rollout server, transfer queue: before any step),
 4.4-5.0 s per training step on an idle machine (PPO ~2.4 s more: values and critic
-update), and 16-17 s per validation of 200 prompts x 2 samples (20-25 s for x 4).
-Eight recipes x 2 seeds is 16 start-ups, ~19 min, leaving ~40 s per run for validation
-and training: nothing learns in that. So the default is **one seed** (``--seeds 0``),
-12 steps (768 rollouts per recipe), validation at steps 0, 4, 8, 12 on 200 prompts x 2
-samples: ~26 min for the 8 recipes (:func:`estimate_run_seconds`, ``--dry-run`` prints
-it; a test keeps it under 28 min). With one seed the findings rest on the sampling error
-of the validation accuracy; ``--seeds 0 1`` (~53 min) adds the seed spread. Two runs at a
-time (``--jobs 2``) do not help on 2 cores: each of a pair took 356-376 s against ~170 s
-alone (4 steps), longer than the two in a row.
+update), and 16-17 s per validation of 200 prompts x 2 samples (20-25 s for x 4). The
+full setting (:data:`FULL`) is 3 paired seeds (each seed: the same warm start, data order
+and sampling seeds for every recipe) x the 6 base recipes x 12 steps (768 rollouts per
+recipe), validation at steps 0, 4, 8, 12 on 200 prompts x 2 samples: ~60 min
+(:func:`estimate_run_seconds`; ``--dry-run`` prints it). ``--quick`` (:data:`QUICK`):
+seed 0, 8 steps, ~16 min, a smoke check whose findings rest on the validation's
+sampling error alone. Two runs at a time (``--jobs 2``) do not help on 2 cores: each of
+a pair took 356-376 s against ~170 s alone (4 steps), longer than the two in a row.
 """
 
 from __future__ import annotations
@@ -86,9 +88,10 @@ if str(REPO) not in sys.path:
 from benchmarks.runs import RunFailed, first_reach, read_curve, run_name, run_recipe, series  # noqa: E402
 
 CONF_RECIPES = REPO / "conf" / "recipe"
-#: Always run by default (the Minimalist paper's Table 1 algorithms).
+#: Run by default (the Minimalist paper's Table 1 algorithms).
 BASE_RECIPES: tuple[str, ...] = ("raft", "raft_pp", "reinforce", "reinforce_rej", "grpo", "ppo")
-#: Run by default when ``conf/recipe/<name>.yaml`` exists (issue 4).
+#: Run on request (``--recipes``): here one step is one DPO update on that step's pairs;
+#: ``benchmarks/lorr.py`` compares them in LoRR's regime (real iterations, L epochs).
 OPTIONAL_RECIPES: tuple[str, ...] = ("iterative_dpo", "lorr_dpo")
 
 #: Extra overrides per recipe. PPO: the Minimalist paper's critic lr is 10x the actor's
@@ -107,10 +110,12 @@ VAL_OVERRIDES: tuple[str, ...] = (
 
 DEFAULT_ROLLOUTS_PER_STEP = 64
 DEFAULT_JOBS = 1
-DEFAULT_STEPS = 12
-DEFAULT_TEST_FREQ = 4
-DEFAULT_SEEDS = (0,)
 DEFAULT_VAL_SAMPLES = 2
+#: Full and quick settings (``--quick``); ``--seeds`` / ``--steps`` / ``--test-freq`` win.
+#: Full: 3 paired seeds x the 6 base recipes x 12 steps (~60 min on 2 cores); quick: a
+#: smoke check, seed 0, 8 steps (~16 min).
+FULL = {"seeds": [0, 1, 2], "steps": 12, "test_freq": 4}
+QUICK = {"seeds": [0], "steps": 8, "test_freq": 4}
 DEFAULT_TARGET_DELTA = 0.08
 #: Validations after step 0 averaged into "early" / before the end into "late" accuracy.
 EARLY_VALS = 2
@@ -131,12 +136,6 @@ COST_VAL_S_PER_SAMPLE = 0.019
 
 
 # --------------------------------------------------------------------------- recipes
-
-
-def default_recipes(conf_dir: str | Path = CONF_RECIPES) -> list[str]:
-    """:data:`BASE_RECIPES` plus each of :data:`OPTIONAL_RECIPES` whose yaml exists in ``conf_dir``."""
-    conf = Path(conf_dir)
-    return [*BASE_RECIPES, *(r for r in OPTIONAL_RECIPES if (conf / f"{r}.yaml").is_file())]
 
 
 def recipe_settings(name: str, conf_dir: str | Path = CONF_RECIPES) -> dict:
@@ -569,12 +568,13 @@ def _hms(seconds: float) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--recipes", nargs="+", default=None,
-                   help=f"recipes to train (default: {' '.join(BASE_RECIPES)} + {' '.join(OPTIONAL_RECIPES)} "
-                        "where their configs exist)")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps of every run")
-    p.add_argument("--test-freq", type=int, default=DEFAULT_TEST_FREQ, help="validate every this many steps")
+    p.add_argument("--quick", action="store_true", help=f"smoke setting {QUICK} (~16 min)")
+    p.add_argument("--recipes", nargs="+", default=list(BASE_RECIPES),
+                   help=f"recipes to train (default: {' '.join(BASE_RECIPES)}; also {' '.join(OPTIONAL_RECIPES)})")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help=f"default {FULL['seeds']}")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps of every run (default {FULL['steps']})")
+    p.add_argument("--test-freq", type=int, default=None,
+                   help=f"validate every this many steps (default {FULL['test_freq']})")
     p.add_argument("--rollouts-per-step", type=int, default=DEFAULT_ROLLOUTS_PER_STEP,
                    help="responses generated per step by every recipe (prompts x n)")
     p.add_argument("--val-samples", type=int, default=DEFAULT_VAL_SAMPLES,
@@ -593,12 +593,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill ``seeds`` / ``steps`` / ``test_freq`` left unset from :data:`QUICK` (``--quick``) or
+    :data:`FULL`; values given on the command line win.
+
+    Raises:
+        SystemExit: ``--steps`` / ``--test-freq`` / ``--jobs`` below 1, or no seed.
+    """
+    base = QUICK if args.quick else FULL
+    for key, value in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, list(value) if isinstance(value, list) else value)
+    for key in ("steps", "test_freq", "jobs"):
+        if getattr(args, key) < 1:
+            raise SystemExit(f"--{key.replace('_', '-')}={getattr(args, key)}: need at least 1")
+    if not args.seeds:
+        raise SystemExit("--seeds: give at least one seed")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run (or reuse) every recipe x seed, then write the table, findings and plots."""
-    args = _parser().parse_args(argv)
-    if args.jobs < 1:
-        raise SystemExit(f"--jobs={args.jobs}: need at least 1")
-    recipes = args.recipes or default_recipes()
+    args = resolve_settings(_parser().parse_args(argv))
+    recipes = list(args.recipes)
     settings = {r: recipe_settings(r) for r in recipes}  # fails early on an unknown recipe
     for r, s in settings.items():
         budget_overrides(s["n"], args.rollouts_per_step, s["critic"])  # fails early on a bad budget

@@ -147,17 +147,12 @@ def test_run_recipe_reports_failures(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- learning.py: setup
 
 
-def test_default_recipes_grow_with_the_configs(tmp_path):
-    assert lb.default_recipes(tmp_path) == list(lb.BASE_RECIPES)
-    (tmp_path / "lorr_dpo.yaml").write_text("# x\n")
-    assert lb.default_recipes(tmp_path) == [*lb.BASE_RECIPES, "lorr_dpo"]
-    (tmp_path / "iterative_dpo.yaml").write_text("# x\n")
-    assert lb.default_recipes(tmp_path) == [*lb.BASE_RECIPES, "iterative_dpo", "lorr_dpo"]
-    # the real conf: the six base recipes are there; grpo_dots_rr is not a default
-    real = lb.default_recipes()
-    assert real[:6] == list(lb.BASE_RECIPES) and "grpo_dots_rr" not in real
-    # every recipe the benchmark names is a yaml of conf/recipe/
-    assert {*lb.BASE_RECIPES, *lb.OPTIONAL_RECIPES} <= {p.stem for p in (REPO / "conf" / "recipe").glob("*.yaml")}
+def test_benchmark_recipes_are_real_configs():
+    # every recipe the benchmark names is a yaml of conf/recipe/; grpo_dots_rr is data_efficiency.py's
+    names = {p.stem for p in (REPO / "conf" / "recipe").glob("*.yaml")}
+    assert {*lb.BASE_RECIPES, *lb.OPTIONAL_RECIPES} <= names
+    assert "grpo_dots_rr" not in (*lb.BASE_RECIPES, *lb.OPTIONAL_RECIPES)
+    assert lb._parser().parse_args([]).recipes == list(lb.BASE_RECIPES)
 
 
 def test_recipe_settings_from_the_real_configs(tmp_path):
@@ -214,13 +209,26 @@ def test_estimate_run_seconds_counts_validations():
     assert lb.estimate_run_seconds(7, 3, critic=True, val_samples=800) == pytest.approx(expect)
 
 
-def test_default_settings_fit_the_time_budget():
-    """The defaults (every default recipe, including the DPO ones, at GRPO's cost) fit in 28 min."""
-    recipes = [*lb.BASE_RECIPES, *lb.OPTIONAL_RECIPES]
-    total = len(lb.DEFAULT_SEEDS) * sum(
-        lb.estimate_run_seconds(lb.DEFAULT_STEPS, lb.DEFAULT_TEST_FREQ, r == "ppo", 200 * lb.DEFAULT_VAL_SAMPLES)
-        for r in recipes)
-    assert total <= 28 * 60, total
+def _total_estimate(args) -> float:
+    return sum(lb.estimate_run_seconds(args.steps, args.test_freq, r == "ppo", 200 * args.val_samples)
+               for r in args.recipes) * len(args.seeds)
+
+
+def test_full_and_quick_settings_and_their_cost():
+    full = lb.resolve_settings(lb._parser().parse_args([]))
+    assert (full.seeds, full.steps, full.test_freq) == ([0, 1, 2], 12, 4)
+    # 18 runs: 18 x (70 + 12 x 5 + 4 validations x 16.1) + 3 x 12 x 2.4 (PPO's critic) = 3585.6 s
+    assert _total_estimate(full) == pytest.approx(3585.6)
+    quick = lb.resolve_settings(lb._parser().parse_args(["--quick"]))
+    assert (quick.seeds, quick.steps, quick.test_freq) == ([0], 8, 4)
+    assert _total_estimate(quick) <= 17 * 60
+    # command-line values win over --quick
+    mixed = lb.resolve_settings(lb._parser().parse_args(["--quick", "--seeds", "3", "4", "--steps", "5"]))
+    assert (mixed.seeds, mixed.steps, mixed.test_freq) == ([3, 4], 5, 4)
+    with pytest.raises(SystemExit, match="--test-freq=0: need at least 1"):
+        lb.resolve_settings(lb._parser().parse_args(["--test-freq", "0"]))
+    with pytest.raises(SystemExit, match="--jobs=0"):
+        lb.resolve_settings(lb._parser().parse_args(["--jobs", "0"]))
 
 
 # --------------------------------------------------------------------------- learning.py: summary
