@@ -2,8 +2,8 @@
 switched off, on the CPU learning task, over paired seeds.
 
     python benchmarks/lorr.py --dry-run                # the runs and a cost estimate, nothing run
-    python benchmarks/lorr.py --quick                  # smoke check: 1 seed, 3 short iterations (~15 min)
-    python benchmarks/lorr.py                          # full: 3 seeds x 5 variants (~2 h on 2 cores)
+    python benchmarks/lorr.py --quick                  # smoke check: 1 seed, 3 short iterations (~8 min)
+    python benchmarks/lorr.py                          # full: 3 seeds x 5 variants, 5 iterations (~33 min on 2 cores)
     python benchmarks/lorr.py --report-only            # table and curves from the runs already there
 
 **Task and model**: the learning benchmark's (``benchmarks/learning_setup.py``: a tiny
@@ -78,18 +78,20 @@ PARTS = {"lorr_no_reset": "the reset", "lorr_no_reuse": "the reuse of the initia
          "lorr_no_sft": "the lambda_k SFT schedule"}
 
 #: Full and quick settings (``--quick``); every one can be given on the command line too.
-FULL = {"seeds": [0, 1, 2], "iterations": 10, "rollout_steps": 4, "mini_batch_pairs": 8, "val_samples": 2}
+#: Full: 5 iterations of 4 rollout steps (20 steps, 1,280 rollouts per run; the paper runs
+#: 3 iterations), measured 32.9 min for the 15 runs on 2 cores.
+FULL = {"seeds": [0, 1, 2], "iterations": 5, "rollout_steps": 4, "mini_batch_pairs": 8, "val_samples": 2}
 QUICK = {"seeds": [0], "iterations": 3, "rollout_steps": 2, "mini_batch_pairs": 8, "val_samples": 1}
 
-#: Cost model (2 cores, seconds): start-up and shut-down of a run, a collection step, one
-#: optimizer step on a tiny model, a validation of 200 prompts x k samples (measured for
-#: the learning benchmark; the preference steps are the learning benchmark's 5 s step split
-#: into its generation and its update).
-COST_STARTUP_S = 70.0
-COST_COLLECT_S = 4.0
-COST_OPT_STEP_S = 0.6
-COST_VAL_S = 8.5
-COST_VAL_S_PER_SAMPLE = 0.019
+#: Cost model (2 cores, seconds), fitted to the full setting's 15 runs (iterative DPO ~122 s
+#: a run, the LoRR variants 131-139 s): start-up and shut-down of a run, a rollout step,
+#: one optimizer step on a tiny model, a validation of 200 prompts x k samples (~4.5 s for
+#: k = 2: the preference recipes' answers are short).
+COST_STARTUP_S = 65.0
+COST_COLLECT_S = 1.5
+COST_OPT_STEP_S = 0.25
+COST_VAL_S = 1.5
+COST_VAL_S_PER_SAMPLE = 0.0075
 PAIRS_PER_STEP = 8  # about half of the 16 groups have a reward gap at the start
 
 
@@ -367,7 +369,7 @@ def plot(curves: dict, out: Path) -> Path:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help=f"smoke setting {QUICK} (~15 min)")
+    p.add_argument("--quick", action="store_true", help=f"smoke setting {QUICK} (~8 min)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", type=int, nargs="+", default=None, help=f"default {FULL['seeds']}")
     p.add_argument("--iterations", type=int, default=None,
