@@ -30,7 +30,8 @@ step, tokenizer), never this object. Adding a stage needs no edit here.
 Empty batches: when a group filter leaves nothing to train on (rows tagged
 ``skip_update``), every stage of the step (balance, log-probs, values, advantages, updates,
 data metrics) is skipped for that step, with a warning; weights, checkpoints and
-validation proceed.
+validation proceed, and the step's ``timing_s/*`` (generation, step) are still logged, so
+that wall time summed over steps counts it (a preference iteration's collection steps).
 
 State: ``global_step_N/recipe_state.pt`` = ``{"global_steps": N, "stages": {name:
 stage.state_dict()}}``, written (atomically) before verl's own checkpoint so that verl's
@@ -299,7 +300,8 @@ class RecipeTrainer(PPOTrainerSync):
         if is_skipped(batch):
             if not batch.tags or not all(tag.get(COLLECTING, False) for tag in batch.tags):  # else planned
                 logger.warning("step %d: no group left to train on, no update (see filter/* metrics)", global_steps)
-            metrics.update({"training/global_step": global_steps, "training/epoch": epoch})
+            metrics.update({"training/global_step": global_steps, "training/epoch": epoch,
+                            **{f"timing_s/{name}": float(sec) for name, sec in timing_raw.items()}})
             return
         super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
         h = self.handles()

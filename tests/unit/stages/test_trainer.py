@@ -54,6 +54,10 @@ def test_a_skipped_batch_skips_every_training_stage_and_its_metrics():
     metrics = {}
     trainer._compute_metrics(skipped, metrics, {}, 5, 0)
     assert metrics == {"training/global_step": 5, "training/epoch": 0}
+    # the step's time is still logged (verl's timing_s/<name>): wall time summed over steps counts it
+    metrics = {}
+    trainer._compute_metrics(skipped, metrics, {"gen": 1.25, "step": 1.5}, 6, 1)
+    assert metrics == {"training/global_step": 6, "training/epoch": 1, "timing_s/gen": 1.25, "timing_s/step": 1.5}
 
 
 def test_uids_are_deterministic_per_step_and_kind(monkeypatch):
