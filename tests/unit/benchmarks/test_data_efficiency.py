@@ -32,6 +32,11 @@ def test_run_row_measures_against_the_paired_grpo_run():
     assert math.isnan(row["is_weight_std"])  # never logged: NaN, not 0
     base_row = de.run_row("grpo", 0, base, base)
     assert base_row["time_ratio"] == 1.0 and base_row["steps"] == 10
+    assert row["grpo_self_ratio"] == base_row["grpo_self_ratio"] == 1.0  # GRPO first at 0.40 on its last step
+    # a GRPO run that was at its final value already at step 5 (10 s of 20): the target is a plateau's
+    plateau = _curve({0: 0.30, 5: 0.42, 10: 0.40}, 2.0)
+    assert de.run_row("grpo", 0, plateau, plateau)["grpo_self_ratio"] == pytest.approx(0.5)
+    assert de.run_row("grpo_dots_rr", 0, ours, plateau)["grpo_self_ratio"] == pytest.approx(0.5)
 
 
 def test_claims_are_paired_per_seed_and_can_fail():
@@ -43,6 +48,10 @@ def test_claims_are_paired_per_seed_and_can_fail():
     ]
     time_claim = next(c for c in de.claims(rows, [0, 1]) if "wall time" in c["claim"])
     assert time_claim["verdict"] == "does not hold" and time_claim["numbers"] == "0.60, not reached"
+    rows[2]["grpo_self_ratio"], rows[3]["grpo_self_ratio"] = 0.5, 1.0  # seed 0's GRPO plateaued at half its run
+    time_claim = next(c for c in de.claims(rows, [0, 1]) if "wall time" in c["claim"])
+    assert time_claim["numbers"] == ("0.60, not reached; GRPO itself first reached its final value at 0.50, 1.00 "
+                                     "of its own wall time")
     eff = next(c for c in de.claims(rows, [0, 1]) if c["claim"].startswith("grpo_dots_rr: effective"))
     # paired diffs +0.20 and +0.05: mean +0.125 < 0.15
     assert eff["verdict"] == "does not hold" and "+0.125" in eff["numbers"]
