@@ -2,7 +2,7 @@
 switched off, on the CPU learning task, over paired seeds.
 
     python benchmarks/lorr.py --dry-run                # the runs and a cost estimate, nothing run
-    python benchmarks/lorr.py --quick                  # smoke check: 1 seed, 3 short iterations (~8 min)
+    python benchmarks/lorr.py --quick                  # smoke check: 1 seed, 3 short iterations (~7 min)
     python benchmarks/lorr.py                          # full: 3 seeds x 5 variants, 5 iterations (~33 min on 2 cores)
     python benchmarks/lorr.py --report-only            # table and curves from the runs already there
 
@@ -369,7 +369,7 @@ def plot(curves: dict, out: Path) -> Path:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help=f"smoke setting {QUICK} (~8 min)")
+    p.add_argument("--quick", action="store_true", help=f"smoke setting {QUICK} (~7 min)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", type=int, nargs="+", default=None, help=f"default {FULL['seeds']}")
     p.add_argument("--iterations", type=int, default=None,
