@@ -14,11 +14,12 @@ worked column-by-column solution, a 156 k-parameter Qwen2 warm-started by a shor
 **Runs**: each recipe (``conf/recipe/<name>.yaml``, its own loss, advantages, rewards,
 KL and entropy terms) through ``python -m recipe.main`` (:mod:`benchmarks.runs`), with
 the measured RL settings of :data:`benchmarks.learning_setup.RECOMMENDED_RL_OVERRIDES`
-(lr 1e-4, one update per step) and an **equal rollout budget**: every step generates
+(lr 1e-4) and an **equal rollout budget**: every step generates
 ``--rollouts-per-step`` responses (default 64) for every recipe, i.e. ``64 / n`` prompts
 x the recipe's ``n`` (16 x 4; PPO, n = 1 as in the Minimalist paper: 64 x 1), for the
-same number of steps; one optimiser step per training step (mini-batch = the whole
-batch). Only the learning-rate scale differs from the papers (tiny model: 1e-4, not
+same number of steps; ``--updates-per-step`` optimiser steps per training step (default 2:
+the Minimalist paper's 1024 prompts in mini-batches of 512; with one, the ratio is exactly 1
+at the only update and RAFT++ is RAFT, bit for bit, which a first 3-seed run showed). Only the learning-rate scale differs from the papers (tiny model: 1e-4, not
 1e-6); PPO's critic keeps the paper's critic/actor ratio of 10 (lr 1e-3). Default
 recipes: raft, raft_pp, reinforce, reinforce_rej, grpo, ppo (the Minimalist paper's
 Table 1). iterative_dpo and lorr_dpo run on request (``--recipes``), one DPO update per
@@ -109,6 +110,8 @@ VAL_OVERRIDES: tuple[str, ...] = (
 )
 
 DEFAULT_ROLLOUTS_PER_STEP = 64
+#: Optimiser steps per training step: the Minimalist paper's 1024 prompts / mini-batch 512.
+DEFAULT_UPDATES_PER_STEP = 2
 DEFAULT_JOBS = 1
 DEFAULT_VAL_SAMPLES = 2
 #: Full and quick settings (``--quick``); ``--seeds`` / ``--steps`` / ``--test-freq`` win.
@@ -174,34 +177,44 @@ def recipe_settings(name: str, conf_dir: str | Path = CONF_RECIPES) -> dict:
     return {"n": 4, "critic": False, **load(name, (name,))}
 
 
-def budget_overrides(n: int, rollouts_per_step: int, critic: bool = False) -> list[str]:
-    """Batch overrides giving ``rollouts_per_step`` responses per step as prompts x ``n``.
-
-    One optimiser step per training step (mini-batch = all prompts of the step); micro
-    batches hold the whole step (the tiny model fits).
+def budget_overrides(n: int, rollouts_per_step: int, critic: bool = False,
+                     updates_per_step: int = DEFAULT_UPDATES_PER_STEP) -> list[str]:
+    """Batch overrides giving ``rollouts_per_step`` responses per step as prompts x ``n``,
+    trained in ``updates_per_step`` optimiser steps (mini-batches of prompts /
+    ``updates_per_step`` prompts; Minimalist paper: 1024 prompts in mini-batches of 512, so 2).
+    With 1 update per step the ratio pi_theta / pi_old is exactly 1 at the only update, so
+    RAFT++ is RAFT and the clipped Reinforce losses are plain policy gradients. Micro-batches
+    (actor, log-probs, critic) hold a whole mini-batch (the tiny model fits; the recipe's config
+    check wants them to divide it).
 
     Args:
         n: Responses per prompt (``actor_rollout_ref.rollout.n``).
         rollouts_per_step: Responses generated per training step, B = prompts x n.
         critic: Also size the critic's batches (PPO).
+        updates_per_step: Optimiser steps per training step (actor and critic).
 
     Raises:
-        ValueError: ``n`` < 1 or ``rollouts_per_step`` not a positive multiple of ``n``.
+        ValueError: ``n`` < 1, ``rollouts_per_step`` not a positive multiple of ``n``, or the
+            prompts of a step not a positive multiple of ``updates_per_step``.
     """
     if n < 1 or rollouts_per_step < n or rollouts_per_step % n:
         raise ValueError(f"rollouts_per_step={rollouts_per_step} is not a positive multiple of "
                          f"actor_rollout_ref.rollout.n={n}")
     prompts = rollouts_per_step // n
+    if updates_per_step < 1 or prompts % updates_per_step:
+        raise ValueError(f"updates_per_step={updates_per_step} does not divide the {prompts} prompts of a step "
+                         f"(rollouts_per_step={rollouts_per_step} / n={n})")
+    mini = prompts // updates_per_step
     out = [
         f"data.train_batch_size={prompts}",
         f"actor_rollout_ref.rollout.n={n}",
-        f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts}",
-        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={rollouts_per_step}",
-        f"actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu={rollouts_per_step}",
-        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={rollouts_per_step}",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={mini}",
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={mini * n}",
+        f"actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu={mini * n}",
+        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={mini * n}",
     ]
     if critic:
-        out += [f"critic.ppo_mini_batch_size={prompts}", f"critic.ppo_micro_batch_size_per_gpu={rollouts_per_step}"]
+        out += [f"critic.ppo_mini_batch_size={mini}", f"critic.ppo_micro_batch_size_per_gpu={mini * n}"]
     return out
 
 
@@ -577,6 +590,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"validate every this many steps (default {FULL['test_freq']})")
     p.add_argument("--rollouts-per-step", type=int, default=DEFAULT_ROLLOUTS_PER_STEP,
                    help="responses generated per step by every recipe (prompts x n)")
+    p.add_argument("--updates-per-step", type=int, default=DEFAULT_UPDATES_PER_STEP,
+                   help="optimiser steps per training step (paper: 1024 prompts / mini-batch 512 = 2; "
+                        "with 1, RAFT++ is exactly RAFT)")
     p.add_argument("--val-samples", type=int, default=DEFAULT_VAL_SAMPLES,
                    help="samples per test prompt at each validation (T = 1)")
     p.add_argument("--target", type=float, default=None, help="target validation accuracy (absolute)")
@@ -618,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     recipes = list(args.recipes)
     settings = {r: recipe_settings(r) for r in recipes}  # fails early on an unknown recipe
     for r, s in settings.items():
-        budget_overrides(s["n"], args.rollouts_per_step, s["critic"])  # fails early on a bad budget
+        budget_overrides(s["n"], args.rollouts_per_step, s["critic"], args.updates_per_step)  # fails early
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(seed, r) for seed in args.seeds for r in recipes]
@@ -657,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
             eta = scale * sum(est[x] for _, x in jobs[i:]) / args.jobs
             print(f"[learning] run {i + 1}/{len(jobs)}: {r} seed {seed}; elapsed {_hms(time.time() - t0)}, "
                   f"ETA {_hms(eta)}", flush=True)
-        overrides = [*common, *budget_overrides(settings[r]["n"], args.rollouts_per_step, settings[r]["critic"]),
+        overrides = [*common, *budget_overrides(settings[r]["n"], args.rollouts_per_step, settings[r]["critic"],
+                                                args.updates_per_step),
                      *RECIPE_OVERRIDES.get(r, ()), *args.override]
         t_run = time.time()
         try:
@@ -711,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Early = mean of the first {EARLY_VALS} validations after step 0; late = mean of the last {LATE_VALS}.", "",
         "## Settings", "",
         f"{args.steps} steps, validation every {args.test_freq}, {args.rollouts_per_step} rollouts per step "
+        f"in {args.updates_per_step} optimiser step(s) "
         f"(prompts x n per recipe: {shapes}); common overrides {RECOMMENDED_RL_OVERRIDES[-1]}, "
         f"validation {VAL_OVERRIDES[:2]}; per recipe {dict(RECIPE_OVERRIDES)}; extra {args.override}; "
         f"total {_hms(elapsed)}.", "",

@@ -172,18 +172,29 @@ def test_recipe_settings_from_the_real_configs(tmp_path):
 
 
 def test_budget_overrides_give_equal_rollouts_per_step():
+    # default: 2 optimiser steps per step (the Minimalist paper's 1024 prompts / mini-batch 512)
     o = lb.budget_overrides(4, 64)
-    assert o[:3] == ["data.train_batch_size=16", "actor_rollout_ref.rollout.n=4",
-                     "actor_rollout_ref.actor.ppo_mini_batch_size=16"]
+    assert o[:4] == ["data.train_batch_size=16", "actor_rollout_ref.rollout.n=4",
+                     "actor_rollout_ref.actor.ppo_mini_batch_size=8",
+                     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=32"]
+    # every micro-batch holds one mini-batch (the recipe's config check: it must divide 8 x 4 = 32 rows)
+    assert o[4:] == ["actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=32",
+                     "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=32"]
     assert not any(k.startswith("critic.") for k in o)
+    one = lb.budget_overrides(4, 64, updates_per_step=1)
+    assert "actor_rollout_ref.actor.ppo_mini_batch_size=16" in one
     ppo = lb.budget_overrides(1, 64, critic=True)
     assert "data.train_batch_size=64" in ppo and "actor_rollout_ref.rollout.n=1" in ppo
-    assert ppo[-2:] == ["critic.ppo_mini_batch_size=64", "critic.ppo_micro_batch_size_per_gpu=64"]
+    assert ppo[-2:] == ["critic.ppo_mini_batch_size=32", "critic.ppo_micro_batch_size_per_gpu=32"]
     assert "data.train_batch_size=8" in lb.budget_overrides(8, 64)
     with pytest.raises(ValueError, match="rollouts_per_step=64 is not a positive multiple of .*rollout.n=3"):
         lb.budget_overrides(3, 64)
     with pytest.raises(ValueError, match="rollout.n=0"):
         lb.budget_overrides(0, 64)
+    with pytest.raises(ValueError, match="updates_per_step=3 does not divide the 16 prompts"):
+        lb.budget_overrides(4, 64, updates_per_step=3)
+    with pytest.raises(ValueError, match="updates_per_step=0"):
+        lb.budget_overrides(4, 64, updates_per_step=0)
 
 
 def test_write_val_copies_repeats_every_row(tmp_path):

@@ -93,7 +93,7 @@ def test_quick_settings_and_dry_run(capsys):
     st = settings(_parser().parse_args(["--quick"]))
     assert (st["seeds"], st["iterations"], st["rollout_steps"], st["steps"], st["test_freq"]) == ([0], 3, 2, 6, 2)
     st = settings(_parser().parse_args(["--seeds", "3", "4", "--rollout-steps", "5"]))
-    assert (st["seeds"], st["steps"], st["mini_batch_pairs"]) == ([3, 4], 50, 8)
+    assert (st["seeds"], st["steps"], st["mini_batch_pairs"]) == ([3, 4], 25, 8)  # 5 iterations x 5
     assert main(["--quick", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "5 runs of 6 steps" in out and "lorr_no_reuse_s0: recipe=lorr_dpo" in out
