@@ -1,8 +1,8 @@
 """CPU learning benchmark: every recipe trained side by side on a task a tiny model learns
 in minutes, with equal rollout budgets, over one or more seeds; checks the papers' findings.
 
-    python benchmarks/learning.py                                   # full: 3 seeds x 6 recipes, ~60 min on 2 cores
-    python benchmarks/learning.py --quick                           # smoke check: seed 0, 8 steps, ~16 min
+    python benchmarks/learning.py                                   # full: 3 seeds x 6 recipes, ~30 min on 2 cores
+    python benchmarks/learning.py --quick                           # smoke check: seed 0, 8 steps, ~8 min
     python benchmarks/learning.py --recipes grpo iterative_dpo lorr_dpo --seeds 0  # the DPO recipes too
     python benchmarks/learning.py --recipes grpo raft raft_pp --dry-run  # runs and cost estimate only
     python benchmarks/learning.py --recipes grpo raft --seeds 0 --steps 3 --test-freq 3 --out /tmp/lb_smoke
@@ -55,15 +55,16 @@ noise)*; the spread is the larger of the standard deviation of the per-seed diff
 and twice the standard error of one difference from measurement noise (validation
 sampling; the step-to-step noise of the entropy), see :func:`evaluate_claim`.
 
-**Settings and cost** (2 cores, measured; :data:`COST_STARTUP_S` ...): a run costs 66-75 s
-of start-up and shut-down (Ray, workers, rollout server, transfer queue: before any step),
-4.4-5.0 s per training step on an idle machine (PPO ~2.4 s more: values and critic
-update), and 16-17 s per validation of 200 prompts x 2 samples (20-25 s for x 4). The
+**Settings and cost** (2 cores, measured; :data:`COST_STARTUP_S` ...): a run costs 93-104 s
+in all (12 steps): ~43 s of start-up and shut-down (Ray, workers, rollout server, transfer
+queue: before any step), 2.1-2.4 s per training step of 2 optimiser steps on an idle
+machine (PPO ~0.7 s more: values and critic update), and 6.4-6.8 s per validation of 200
+prompts x 2 samples. The
 full setting (:data:`FULL`) is 3 paired seeds (each seed: the same warm start, data order
 and sampling seeds for every recipe) x the 6 base recipes x 12 steps (768 rollouts per
-recipe), validation at steps 0, 4, 8, 12 on 200 prompts x 2 samples: ~60 min
+recipe), validation at steps 0, 4, 8, 12 on 200 prompts x 2 samples: ~30 min
 (:func:`estimate_run_seconds`; ``--dry-run`` prints it). ``--quick`` (:data:`QUICK`):
-seed 0, 8 steps, ~16 min, a smoke check whose findings rest on the validation's
+seed 0, 8 steps, ~8 min, a smoke check whose findings rest on the validation's
 sampling error alone. Two runs at a time (``--jobs 2``) do not help on 2 cores: each of
 a pair took 356-376 s against ~170 s alone (4 steps), longer than the two in a row.
 """
@@ -115,8 +116,8 @@ DEFAULT_UPDATES_PER_STEP = 2
 DEFAULT_JOBS = 1
 DEFAULT_VAL_SAMPLES = 2
 #: Full and quick settings (``--quick``); ``--seeds`` / ``--steps`` / ``--test-freq`` win.
-#: Full: 3 paired seeds x the 6 base recipes x 12 steps (~60 min on 2 cores); quick: a
-#: smoke check, seed 0, 8 steps (~16 min).
+#: Full: 3 paired seeds x the 6 base recipes x 12 steps (~30 min on 2 cores); quick: a
+#: smoke check, seed 0, 8 steps (~8 min).
 FULL = {"seeds": [0, 1, 2], "steps": 12, "test_freq": 4}
 QUICK = {"seeds": [0], "steps": 8, "test_freq": 4}
 DEFAULT_TARGET_DELTA = 0.08
@@ -126,16 +127,17 @@ LATE_VALS = 2
 #: Training steps averaged at each end for entropy and training accuracy.
 TAIL_STEPS = 3
 
-#: Cost model of one run on this machine (2 cores, seconds), measured with ``recipe.main``
-#: runs of GRPO, RAFT and PPO: start-up to the first validation plus shut-down (66-75 s);
-#: one training step (GRPO / RAFT: 4.4-5.0 s on an idle machine, ~5.9 s beside a pip
-#: install; PPO's values and critic update add ~2.4 s); one validation: a fixed part plus
-#: a part per generated sample (400 samples: 16-17 s, 800: 20-25 s).
-COST_STARTUP_S = 70.0
-COST_STEP_S = 5.0
-COST_CRITIC_EXTRA_S = 2.4
-COST_VAL_S = 8.5
-COST_VAL_S_PER_SAMPLE = 0.019
+#: Cost model of one run on this machine (2 cores, seconds), fitted to the full setting's
+#: runs (2026-12-06, 93-104 s each): start-up to the first validation plus shut-down (~43
+#: s); one training step of 2 optimiser steps (2.1-2.4 s; PPO's values and critic update
+#: add ~0.7 s); one validation: a fixed part plus a part per generated sample (400
+#: samples: 6.4-6.8 s). The previous fit, from an earlier session's runs (70 s, 5 s a step,
+#: 16 s a validation), said ~60 min for this setting; these runs took half that.
+COST_STARTUP_S = 43.0
+COST_STEP_S = 2.25
+COST_CRITIC_EXTRA_S = 0.7
+COST_VAL_S = 2.7
+COST_VAL_S_PER_SAMPLE = 0.01
 
 
 # --------------------------------------------------------------------------- recipes
@@ -581,7 +583,7 @@ def _hms(seconds: float) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help=f"smoke setting {QUICK} (~16 min)")
+    p.add_argument("--quick", action="store_true", help=f"smoke setting {QUICK} (~8 min)")
     p.add_argument("--recipes", nargs="+", default=list(BASE_RECIPES),
                    help=f"recipes to train (default: {' '.join(BASE_RECIPES)}; also {' '.join(OPTIONAL_RECIPES)})")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help=f"default {FULL['seeds']}")

@@ -228,11 +228,11 @@ def _total_estimate(args) -> float:
 def test_full_and_quick_settings_and_their_cost():
     full = lb.resolve_settings(lb._parser().parse_args([]))
     assert (full.seeds, full.steps, full.test_freq) == ([0, 1, 2], 12, 4)
-    # 18 runs: 18 x (70 + 12 x 5 + 4 validations x 16.1) + 3 x 12 x 2.4 (PPO's critic) = 3585.6 s
-    assert _total_estimate(full) == pytest.approx(3585.6)
+    # 18 runs: 18 x (43 + 12 x 2.25 + 4 validations x 6.7) + 3 x 12 x 0.7 (PPO's critic) = 1767.6 s
+    assert _total_estimate(full) == pytest.approx(1767.6)
     quick = lb.resolve_settings(lb._parser().parse_args(["--quick"]))
     assert (quick.seeds, quick.steps, quick.test_freq) == ([0], 8, 4)
-    assert _total_estimate(quick) <= 17 * 60
+    assert _total_estimate(quick) <= 9 * 60
     # command-line values win over --quick
     mixed = lb.resolve_settings(lb._parser().parse_args(["--quick", "--seeds", "3", "4", "--steps", "5"]))
     assert (mixed.seeds, mixed.steps, mixed.test_freq) == ([3, 4], 5, 4)
