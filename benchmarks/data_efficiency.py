@@ -38,8 +38,8 @@ for every other variant the first validated step reaching it and the training wa
 to it (the sum of ``timing_s/step``, DOTS reference rounds included, validation excluded),
 as a ratio of GRPO's; beside it, when GRPO itself first reached its final value before its
 last step, that share of its own wall time (``grpo_self_ratio``: below 1 the target is in the
-noise of a plateau, and the time ratio cannot separate the methods). Diagnostics: ``dots/effective_ratio`` (fresh groups with 0 < acc <
-1), replay ages (``replay/mean_age``, ``replay/max_age``, steps), the spread of the
+noise of a plateau, and the time ratio cannot separate the methods). Diagnostics:
+``dots/effective_ratio`` (fresh groups with 0 < acc < 1), replay ages (``replay/mean_age``, ``replay/max_age``, steps), the spread of the
 behaviour weights (``replay/is_weight_std``, ``_min``, ``_ess``) and ``replay/truncated_frac``,
 DOTS's per-round and pooled held-out Pearson. **Claims** (:func:`claims`): time ratio <=
 0.75 on every seed; DOTS raises the effective ratio by >= 0.15; pooled Pearson >= 0.5.
