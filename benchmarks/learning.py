@@ -19,8 +19,8 @@ the measured RL settings of :data:`benchmarks.learning_setup.RECOMMENDED_RL_OVER
 x the recipe's ``n`` (16 x 4; PPO, n = 1 as in the Minimalist paper: 64 x 1), for the
 same number of steps; ``--updates-per-step`` optimiser steps per training step (default 2:
 the Minimalist paper's 1024 prompts in mini-batches of 512; with one, the ratio is exactly 1
-at the only update and RAFT++ is RAFT, bit for bit, which a first 3-seed run showed). Only the learning-rate scale differs from the papers (tiny model: 1e-4, not
-1e-6); PPO's critic keeps the paper's critic/actor ratio of 10 (lr 1e-3). Default
+at the only update and RAFT++ is RAFT, bit for bit, which a first 3-seed run showed). Only
+the learning-rate scale differs from the papers (tiny model: 1e-4, not 1e-6); PPO's critic keeps the paper's critic/actor ratio of 10 (lr 1e-3). Default
 recipes: raft, raft_pp, reinforce, reinforce_rej, grpo, ppo (the Minimalist paper's
 Table 1). iterative_dpo and lorr_dpo run on request (``--recipes``), one DPO update per
 step; ``benchmarks/lorr.py`` compares them in LoRR's regime, and ``grpo_dots_rr`` is
@@ -59,8 +59,7 @@ sampling; the step-to-step noise of the entropy), see :func:`evaluate_claim`.
 in all (12 steps): ~43 s of start-up and shut-down (Ray, workers, rollout server, transfer
 queue: before any step), 2.1-2.4 s per training step of 2 optimiser steps on an idle
 machine (PPO ~0.7 s more: values and critic update), and 6.4-6.8 s per validation of 200
-prompts x 2 samples. The
-full setting (:data:`FULL`) is 3 paired seeds (each seed: the same warm start, data order
+prompts x 2 samples. The full setting (:data:`FULL`) is 3 paired seeds (each seed: the same warm start, data order
 and sampling seeds for every recipe) x the 6 base recipes x 12 steps (768 rollouts per
 recipe), validation at steps 0, 4, 8, 12 on 200 prompts x 2 samples: ~30 min
 (:func:`estimate_run_seconds`; ``--dry-run`` prints it). ``--quick`` (:data:`QUICK`):
@@ -87,7 +86,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.runs import RunFailed, first_reach, read_curve, run_name, run_recipe, series  # noqa: E402
+from benchmarks.runs import RunFailed, first_reach, preset, read_curve, run_name, run_recipe, series  # noqa: E402
 
 CONF_RECIPES = REPO / "conf" / "recipe"
 #: Run by default (the Minimalist paper's Table 1 algorithms).
@@ -618,10 +617,7 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
     Raises:
         SystemExit: ``--steps`` / ``--test-freq`` / ``--jobs`` below 1, or no seed.
     """
-    base = QUICK if args.quick else FULL
-    for key, value in base.items():
-        if getattr(args, key) is None:
-            setattr(args, key, list(value) if isinstance(value, list) else value)
+    vars(args).update(preset(args, FULL, QUICK))
     for key in ("steps", "test_freq", "jobs"):
         if getattr(args, key) < 1:
             raise SystemExit(f"--{key.replace('_', '-')}={getattr(args, key)}: need at least 1")

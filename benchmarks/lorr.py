@@ -61,7 +61,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.runs import RunFailed, read_curve, run_name, series  # noqa: E402
+from benchmarks.runs import RunFailed, preset, read_curve, run_name, series  # noqa: E402
 
 #: label -> (recipe, overrides). The base for the comparison is the first entry.
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -387,8 +387,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def settings(args) -> dict:
     """The run settings: ``--quick`` or full defaults, command-line values winning."""
-    base = QUICK if args.quick else FULL
-    out = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
+    out = preset(args, FULL, QUICK)
     if out["iterations"] < 1 or out["rollout_steps"] < 1:
         raise SystemExit("--iterations and --rollout-steps must be >= 1")
     out["steps"] = out["iterations"] * out["rollout_steps"]

@@ -53,6 +53,15 @@ class RunFailed(RuntimeError):
     """A training run exited with a non-zero status (the message names its log)."""
 
 
+def preset(args, full: dict, quick: dict) -> dict:
+    """A benchmark's settings: every key of ``full`` (or ``quick`` when ``args.quick``) whose
+    command-line value (``args.<key>``) is ``None`` takes the preset's value; values given
+    on the command line win. Lists are copied, so the presets are never mutated."""
+    base = quick if args.quick else full
+    return {k: getattr(args, k) if getattr(args, k) is not None else (list(v) if isinstance(v, list) else v)
+            for k, v in base.items()}
+
+
 def run_name(label: str, seed: int) -> str:
     """Folder / experiment name of one run: ``<label>_s<seed>``."""
     return f"{label}_s{seed}"

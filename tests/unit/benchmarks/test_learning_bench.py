@@ -120,6 +120,18 @@ def test_run_recipe_reuses_only_a_finished_run_of_the_same_command(tmp_path, mon
     assert runs.is_finished(d, calls[-1], 3)
 
 
+def test_preset_fills_unset_keys_and_copies_lists():
+    from argparse import Namespace
+
+    full, quick = {"seeds": [0, 1, 2], "steps": 12}, {"seeds": [0], "steps": 8}
+    got = runs.preset(Namespace(quick=False, seeds=None, steps=None), full, quick)
+    assert got == {"seeds": [0, 1, 2], "steps": 12}
+    got["seeds"].append(9)
+    assert full["seeds"] == [0, 1, 2]  # the preset is not mutated
+    assert runs.preset(Namespace(quick=True, seeds=[5], steps=None), full, quick) == {"seeds": [5], "steps": 8}
+    assert runs.preset(Namespace(quick=True, seeds=None, steps=0), full, quick) == {"seeds": [0], "steps": 0}
+
+
 def test_run_recipe_reports_failures(tmp_path, monkeypatch):
     calls = []
 
