@@ -170,10 +170,11 @@ def claims(rows: list[dict], seeds: list[int]) -> list[dict]:
     and the numbers behind it (paired per seed)."""
     by = {(r["variant"], r["seed"]): r for r in rows}
     out = []
-    ratios = [by[("grpo_dots_rr", s)]["time_ratio"] for s in seeds if ("grpo_dots_rr", s) in by]
-    if ratios:
+    dots_rr = [by[("grpo_dots_rr", s)] for s in seeds if ("grpo_dots_rr", s) in by]
+    if dots_rr:
+        ratios = [r["time_ratio"] for r in dots_rr]
+        selfs = [r.get("grpo_self_ratio") for r in dots_rr]
         ok = all(r is not None and r <= MAX_TIME_RATIO for r in ratios)
-        selfs = [by[("grpo_dots_rr", s)].get("grpo_self_ratio") for s in seeds if ("grpo_dots_rr", s) in by]
         numbers = ", ".join("not reached" if r is None else f"{r:.2f}" for r in ratios)
         if any(x is not None and x < 1 for x in selfs):
             numbers += ("; GRPO itself first reached its final value at "
@@ -234,15 +235,14 @@ def tables(rows: list[dict], seeds: list[int], variants: list[str]) -> str:
     lines += ["", "| seed | variant | start -> final val (best) | steps / wall s to GRPO's final | time ratio "
               "| effective ratio | mean / max age | Pearson round mean / pooled | calibration fallback |",
               "|---|---|---|---|---|---|---|---|---|"]
-    # GRPO's own first reach of its final value (share of its wall time), on its row
-    rows = [{**r, "time_ratio_text": (f"1.00 (itself first at {r['grpo_self_ratio']:.2f})"
-                                      if r["variant"] == BASELINE and r.get("grpo_self_ratio") is not None
-                                      and r["grpo_self_ratio"] < 1 else _f(r["time_ratio"]))} for r in rows]
     for r in rows:
+        ratio = _f(r["time_ratio"])
+        if r["variant"] == BASELINE and r.get("grpo_self_ratio") is not None and r["grpo_self_ratio"] < 1:
+            ratio += f" (itself first at {r['grpo_self_ratio']:.2f})"  # GRPO's own first reach of its final
         lines.append(
             f"| {r['seed']} | {r['variant']} | {_f(r['start_val'], '{:.3f}')} -> {r['final_val']:.3f} "
             f"({r['best_val']:.3f}) | {_f(r['steps'], '{}', 'not reached')} / {_f(r['wall_s'], '{:.0f}', '-')} "
-            f"| {r['time_ratio_text']} | {_f(r['effective_ratio'])} | {_f(r['replay_mean_age'], '{:.1f}')} / "
+            f"| {ratio} | {_f(r['effective_ratio'])} | {_f(r['replay_mean_age'], '{:.1f}')} / "
             f"{_f(r['replay_max_age'], '{:.0f}')} | {_f(r['pearson_round_mean'])} / {_f(r['pearson_pooled'])} "
             f"| {_f(r['calibration_fallback'])} |"
         )
